@@ -1,0 +1,11 @@
+"""celldit: Diffusion Transformers with pluggable tokenizers, trained with rectified flow.
+
+The same adaLN-Zero DiT core runs on image latents (:class:`ImageDiT`, at parity with the
+original DiT) and on single cells (gene, gene-module and latent tokenizers).
+"""
+
+__version__ = "0.1.0"
+
+from .models import DiT, ImageDiT
+
+__all__ = ["DiT", "ImageDiT", "__version__"]
