@@ -16,6 +16,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "bench": "bench",
     "evaluate": "evaluate",
+    "image": "image",
 }
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as err:  # user errors: no traceback
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:  # user errors: no traceback
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"celldit {args.command}: error: {msg}", file=sys.stderr)
         return 2

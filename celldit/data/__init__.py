@@ -1,0 +1,1 @@
+"""Data: perturbation specs, expression preprocessing, splits (and, later, datasets)."""
