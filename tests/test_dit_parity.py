@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require_diffusers
 
 from celldit.models import ImageDiT, load_official_checkpoint
 from celldit.models.convert import (
@@ -70,7 +71,7 @@ def test_state_dict_round_trips_exactly(fixture, official_model):
 
 # ---------------------------------------------------------------------------- diffusers reference
 def _diffusers():
-    return pytest.importorskip("diffusers", reason="diffusers is the parity reference (`pip install celldit[parity]`)")
+    return require_diffusers()
 
 
 def test_equal_to_diffusers_dit_under_mapped_weights(fixture, official_model):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -11,17 +10,16 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
+from conftest import shared_data
 
 from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
-from celldit.eval.baselines import (Additive, MeanShift, NoChange, TrainMean, make_baseline,
-                                    prediction_requests)
+from celldit.eval.baselines import Additive, MeanShift, NoChange, TrainMean, make_baseline, prediction_requests
 from celldit.eval.linear import Linear, gene_pca_embedding
 from celldit.eval.metrics import mean_expression
 from celldit.eval.report import evaluate
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 N_GENES = 6
 
 
@@ -151,10 +149,6 @@ def test_gene_pca_embedding_shape():
 
 
 # ---------------------------------------------------------------------------- real data
-needs_data = pytest.mark.skipif(not (DATA / "kang2018_pbmc_ifnb_celltypes.h5ad").exists(),
-                                reason="no shared data")
-
-
 @pytest.fixture(autouse=True)
 def _one_blas_thread():
     """Small eigen/SVD problems: one BLAS thread avoids oversubscribing busy CI cores."""
@@ -166,10 +160,9 @@ def _one_blas_thread():
 
 @pytest.fixture(scope="module")
 def kang():
-    return log_normalize(ad.read_h5ad(DATA / "kang2018_pbmc_ifnb_celltypes.h5ad"))
+    return log_normalize(ad.read_h5ad(shared_data("kang2018_pbmc_ifnb_celltypes.h5ad")))
 
 
-@needs_data
 @pytest.mark.parametrize("cell_type,de20,r2", [("CD14+ Monocytes", 0.573, 0.792),
                                                ("CD4 T cells", 0.898, 0.927),
                                                ("B cells", 0.914, 0.928)])
@@ -186,10 +179,8 @@ def test_kang_mean_shift_reproduces_design(kang, cell_type, de20, r2):
     assert res.summary["linear"]["r2_mean"] > ms["r2_mean"] - 0.02
 
 
-@pytest.mark.skipif(not (DATA / "papalexi2021_thp1_crispr_ko.h5ad").exists(),
-                    reason="no shared data")
 def test_papalexi_mean_shift_reproduces_design():
-    raw = ad.read_h5ad(DATA / "papalexi2021_thp1_crispr_ko.h5ad")
+    raw = ad.read_h5ad(shared_data("papalexi2021_thp1_crispr_ko.h5ad"))
     adata = log_normalize(raw)
     spec = PerturbationSpec("perturbation", control="control")
     m = HeldOutReplicate(spec, key="bio_rep", values=["rep_3"]).masks(adata)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
+from conftest import shared_data
 
 from celldit.data.expression import check_expression, log_normalize
 from celldit.data.spec import PerturbationSpec
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _adata(labels, x=None, **obs):
@@ -107,9 +104,8 @@ def test_check_expression_allows_negative_when_asked():
     assert check_expression(np.array([[1.0, 2.0]])) is True
 
 
-@pytest.mark.skipif(not (DATA / "norman2019_toy_combos.h5ad").exists(), reason="no shared data")
 def test_norman_toy_uses_counts_layer_and_gears_labels():
-    adata = ad.read_h5ad(DATA / "norman2019_toy_combos.h5ad")
+    adata = ad.read_h5ad(shared_data("norman2019_toy_combos.h5ad"))
     spec = PerturbationSpec("condition", control="ctrl")
     spec.validate(adata)
     out = log_normalize(adata)

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 from anndata import AnnData
+from conftest import shared_data
 
 from celldit.data.spec import PerturbationSpec
-from celldit.data.splits import (HeldOutCombinations, HeldOutCovariateGroup,
-                                 HeldOutPerturbations, HeldOutReplicate, load_split,
-                                 split_from_dict)
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from celldit.data.splits import (
+    HeldOutCombinations,
+    HeldOutCovariateGroup,
+    HeldOutPerturbations,
+    HeldOutReplicate,
+    load_split,
+    split_from_dict,
+)
 
 
 def _adata(labels, **obs):
@@ -112,10 +114,8 @@ def test_bad_json():
         load_split("/nonexistent/split.json")
 
 
-@pytest.mark.skipif(not (DATA / "papalexi2021_thp1_crispr_ko.h5ad").exists(),
-                    reason="no shared data")
 def test_papalexi_replicate_split_sizes():
-    adata = ad.read_h5ad(DATA / "papalexi2021_thp1_crispr_ko.h5ad", backed="r")
+    adata = ad.read_h5ad(shared_data("papalexi2021_thp1_crispr_ko.h5ad"), backed="r")
     spec = PerturbationSpec("perturbation", control="control")
     obs_only = AnnData(obs=adata.obs.copy())
     m = HeldOutReplicate(spec, key="bio_rep", values=["rep_3"]).masks(obs_only)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require_diffusers
 
 from celldit import ImageDiT
 from celldit.data.images import (
@@ -179,7 +180,7 @@ def test_plan_and_trainer_settings_errors():
 
 
 def test_vae_from_local_folder(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = require_diffusers()
     vae = diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),

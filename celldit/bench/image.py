@@ -178,7 +178,6 @@ def _time_training(
     elapsed = time.perf_counter() - t0
     out = {"seconds": elapsed, "step_time_s": elapsed / steps, "loss": float(loss)}
     out.update(_peak_memory(device))
-    del opt
     return out
 
 
