@@ -73,10 +73,9 @@ def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     depth = _depth(sd, r"blocks\.(\d+)\.")
     out: dict[str, torch.Tensor] = {}
     used = {"pos_embed"}
-    for src, dst in _SHARED_MAP.items():
-        for p in ("weight", "bias"):
-            out[f"{dst}.{p}"] = sd[f"{src}.{p}"]
-            used.add(f"{src}.{p}")
+    for official, diffusers in _direct_pairs(depth):
+        out[diffusers] = sd[official]
+        used.add(official)
     for i in range(depth):
         for src, dst in _EMBEDDER_MAP.items():
             for p in ("weight", "bias"):
@@ -84,10 +83,6 @@ def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
                     out[_EMB.format(i=i) + f"{dst}.{p}"] = sd[f"{src}.{p}"]
                     used.add(f"{src}.{p}")
         pre, dpre = f"blocks.{i}.", f"transformer_blocks.{i}."
-        for src, dst in _BLOCK_MAP.items():
-            for p in ("weight", "bias"):
-                out[f"{dpre}{dst}.{p}"] = sd[f"{pre}{src}.{p}"]
-                used.add(f"{pre}{src}.{p}")
         for p in ("weight", "bias"):
             q, k, v = sd[f"{pre}attn.qkv.{p}"].chunk(3, dim=0)
             for name, t in zip(("to_q", "to_k", "to_v"), (q, k, v)):
@@ -97,6 +92,17 @@ def to_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     if unknown:
         raise KeyError(f"cannot map these keys to diffusers' DiTTransformer2DModel: {unknown[:10]}")
     return out
+
+
+def _direct_pairs(depth: int):
+    """(official key, diffusers key) of every tensor that maps one to one."""
+    for src, dst in _SHARED_MAP.items():
+        for p in ("weight", "bias"):
+            yield f"{src}.{p}", f"{dst}.{p}"
+    for i in range(depth):
+        for src, dst in _BLOCK_MAP.items():
+            for p in ("weight", "bias"):
+                yield f"blocks.{i}.{src}.{p}", f"transformer_blocks.{i}.{dst}.{p}"
 
 
 def from_diffusers_state_dict(
@@ -120,10 +126,9 @@ def from_diffusers_state_dict(
     depth = _depth(sd, r"transformer_blocks\.(\d+)\.")
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for src, dst in _SHARED_MAP.items():
-        for p in ("weight", "bias"):
-            out[f"{src}.{p}"] = sd[f"{dst}.{p}"]
-            used.add(f"{dst}.{p}")
+    for official, diffusers in _direct_pairs(depth):
+        out[official] = sd[diffusers]
+        used.add(diffusers)
     for src, dst in _EMBEDDER_MAP.items():
         for p in ("weight", "bias"):
             first = _EMB.format(i=0) + f"{dst}.{p}"
@@ -140,10 +145,6 @@ def from_diffusers_state_dict(
                 used.add(key)
     for i in range(depth):
         pre, dpre = f"blocks.{i}.", f"transformer_blocks.{i}."
-        for src, dst in _BLOCK_MAP.items():
-            for p in ("weight", "bias"):
-                out[f"{pre}{src}.{p}"] = sd[f"{dpre}{dst}.{p}"]
-                used.add(f"{dpre}{dst}.{p}")
         for p in ("weight", "bias"):
             parts = [sd[f"{dpre}attn1.{n}.{p}"] for n in ("to_q", "to_k", "to_v")]
             out[f"{pre}attn.qkv.{p}"] = torch.cat(parts, dim=0)
