@@ -14,8 +14,12 @@ import sys
 
 # name of the module under ``celldit.cli`` for each subcommand, in ``--help`` order
 SUBCOMMANDS: dict[str, str] = {
-    "bench": "bench",
+    "demo": "demo",
+    "fit": "fit",
+    "counterfactual": "counterfactual",
+    "generate": "generate",
     "evaluate": "evaluate",
+    "bench": "bench",
     "image": "image",
 }
 

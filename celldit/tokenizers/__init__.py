@@ -7,10 +7,22 @@ class and one line here.
 from __future__ import annotations
 
 from .base import Tokenizer
+from .codecs import CODECS, AutoencoderCodec, Codec, PCACodec
+from .gene import GeneTokenizer
+from .latent import LatentTokenizer
+from .module import ModuleTokenizer
+from .modules_from import (
+    modules_from_correlation,
+    modules_from_gene_sets,
+    modules_from_labels,
+)
 from .patch import PatchTokenizer
 
 TOKENIZERS: dict[str, type[Tokenizer]] = {
     "patch": PatchTokenizer,
+    "gene": GeneTokenizer,
+    "module": ModuleTokenizer,
+    "latent": LatentTokenizer,
 }
 
 
@@ -21,4 +33,19 @@ def build_tokenizer(name: str, **kwargs) -> Tokenizer:
     return TOKENIZERS[name](**kwargs)
 
 
-__all__ = ["TOKENIZERS", "Tokenizer", "PatchTokenizer", "build_tokenizer"]
+__all__ = [
+    "CODECS",
+    "TOKENIZERS",
+    "AutoencoderCodec",
+    "Codec",
+    "GeneTokenizer",
+    "LatentTokenizer",
+    "ModuleTokenizer",
+    "PCACodec",
+    "PatchTokenizer",
+    "Tokenizer",
+    "build_tokenizer",
+    "modules_from_correlation",
+    "modules_from_gene_sets",
+    "modules_from_labels",
+]

@@ -1,0 +1,168 @@
+"""CellDiT on the shared real data: metrics beside the baselines, and CPU throughput.
+
+    python benchmarks/cells.py --data ../shared/data --protocol papalexi_rep3 \
+        --tokenizer module --source control --out out/cells_papalexi.json
+    python benchmarks/cells.py --data ../shared/data --protocol kang --out out/cells_kang.json
+    python benchmarks/cells.py --data ../shared/data --protocol norman_unseen_combo --out out/norman.json
+
+Protocols (the DESIGN.md ones, as in ``benchmarks/baselines.py``):
+
+* ``papalexi_rep3``: train on bio_rep rep_1 + rep_2 (control/target pairs within a
+  replicate); counterfactuals from every rep_3 control cell for each perturbation with
+  >= 40 rep_3 cells; scored against rep_3's cells, baselines beside.
+* ``kang``: for each cell type in turn, its stimulated cells are held out; counterfactuals
+  from that type's control cells under ``stim``.
+* ``norman_unseen_combo``: the Norman toy without one combination (and its cells); the
+  combination is generated from control cells end to end.
+
+Prints one JSON object: config, machine, per-protocol metrics (model and baselines: means
+over conditions) and throughput (training cells/s = batch size x steps / training wall
+time; sampling cells/s = counterfactual cells / sampling wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from celldit.api import CellDiT
+from celldit.data.expression import log_normalize
+from celldit.data.spec import PerturbationSpec
+from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
+from celldit.eval.report import evaluate
+
+PAPALEXI = "papalexi2021_thp1_crispr_ko.h5ad"
+KANG = "kang2018_pbmc_ifnb_celltypes.h5ad"
+NORMAN = "norman2019_toy_combos.h5ad"
+METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "r2_mean", "edistance")
+
+
+def _summary(res, methods) -> dict:
+    return {m: {k: round(float(res.summary[m][k]), 4) for k in METRICS if k in res.summary[m]} for m in methods}
+
+
+def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
+    t0 = time.perf_counter()
+    model = CellDiT(train, **registration, tokenizer=args.tokenizer, source=args.source, anchor=not args.no_anchor,
+                    hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads, seed=args.seed)
+    t1 = time.perf_counter()
+    model.fit(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, progress_bar=False, accelerator="cpu")
+    t2 = time.perf_counter()
+    return model, {"setup_s": round(t1 - t0, 2), "train_s": round(t2 - t1, 2),
+                   "train_cells_per_s": round(args.batch_size * args.max_steps / (t2 - t1), 1),
+                   "final_loss": round(float(model.history["final_loss"]), 4),
+                   "parameters": sum(p.numel() for p in model.network.parameters())}
+
+
+def _sample(model: CellDiT, controls: ad.AnnData, labels: list[str], args) -> tuple[ad.AnnData, dict]:
+    t0 = time.perf_counter()
+    pred = model.counterfactual(controls, labels, steps=args.sample_steps, seed=args.seed)
+    dt = time.perf_counter() - t0
+    return pred, {"sample_s": round(dt, 2), "sample_cells_per_s": round(pred.n_obs / dt, 1), "cells": pred.n_obs}
+
+
+def papalexi_rep3(data: Path, args) -> dict:
+    raw = ad.read_h5ad(data / PAPALEXI)
+    spec = PerturbationSpec("perturbation", control="control")
+    masks = HeldOutReplicate(spec, key="bio_rep", values=["rep_3"]).masks(raw)
+    train, test = raw[masks.train].copy(), raw[masks.test].copy()
+    model, timing = _train(train, args, perturbation_key="perturbation", control="control", pair_keys=["bio_rep"])
+    labels = test.obs["perturbation"].astype(str)
+    counts = labels.value_counts()
+    keep = sorted(lab for lab, n in counts.items() if n >= 40 and lab != "control")
+    pred, sampling = _sample(model, test[labels == "control"].copy(), keep, args)
+    res = evaluate(log_normalize(test), pred, spec, train=log_normalize(train), normalize=False, min_cells=40,
+                   baselines=["no_change", "mean_shift", "linear"], seed=args.seed, figures=False, cell_eval=False)
+    per_condition = res.table.pivot_table(index="perturbation", columns="method", values="edistance")
+    return {"n_conditions": res.summary["n_conditions"], **timing, **sampling,
+            "metrics": _summary(res, ["model", "mean_shift", "linear", "no_change"]),
+            "edistance_per_condition": per_condition.round(4).to_dict()}
+
+
+def kang(data: Path, args) -> dict:
+    raw = ad.read_h5ad(data / KANG)
+    spec = PerturbationSpec("group_id", control="ctrl", covariate_keys=("cluster_id",))
+    out = {}
+    for cell_type in sorted(raw.obs["cluster_id"].astype(str).unique()):
+        masks = HeldOutCovariateGroup(spec, key="cluster_id", values=[cell_type]).masks(raw)
+        train, test = raw[masks.train].copy(), raw[masks.test].copy()
+        model, timing = _train(train, args, perturbation_key="group_id", control="ctrl", covariate_keys=["cluster_id"])
+        ctrl = test[test.obs["group_id"].astype(str) == "ctrl"].copy()
+        pred, sampling = _sample(model, ctrl, ["stim"], args)
+        res = evaluate(log_normalize(test), pred, spec, train=log_normalize(train), normalize=False,
+                       baselines=["no_change", "mean_shift", "linear"], seed=args.seed, figures=False, cell_eval=False)
+        out[cell_type] = {**timing, **sampling, "metrics": _summary(res, ["model", "mean_shift", "linear", "no_change"])}
+        m, b = out[cell_type]["metrics"]["model"], out[cell_type]["metrics"]["mean_shift"]
+        out[cell_type]["beats_mean_shift_r2_and_pd_de20"] = bool(
+            m["r2_mean"] > b["r2_mean"] and m["pearson_delta_de20"] > b["pearson_delta_de20"])
+        print(f"kang {cell_type}: {json.dumps(out[cell_type]['metrics'])}", file=sys.stderr, flush=True)
+    out["cell_types_beating_mean_shift"] = sum(v["beats_mean_shift_r2_and_pd_de20"] for v in out.values())
+    return out
+
+
+def norman_unseen_combo(data: Path, args, combo: str = "MAP2K6+ELMSAN1") -> dict:
+    raw = ad.read_h5ad(data / NORMAN)
+    spec = PerturbationSpec("condition", control="ctrl")
+    labels = raw.obs["condition"].astype(str)
+    parsed = {lab: sorted(spec.parse(lab)) for lab in labels.unique()}
+    train = raw[labels != combo].copy()
+    model, timing = _train(train, args, perturbation_key="condition", control="ctrl")
+    pred, sampling = _sample(model, raw[labels == "ctrl"].copy(), [combo], args)
+    singles = [f"{g}+ctrl" if f"{g}+ctrl" in parsed else f"ctrl+{g}" for g in parsed[combo]]
+    return {**timing, **sampling, "held_out": combo, "combo_seen_in_training": combo in set(train.obs["condition"]),
+            "singles_in_training": {s: s in set(train.obs["condition"]) for s in singles},
+            "n_labels": len(parsed), "n_combinations": sum(len(v) > 1 for v in parsed.values()),
+            "generated_finite": bool(np.isfinite(pred.X).all()), "generated_cells": pred.n_obs}
+
+
+PROTOCOLS = {"papalexi_rep3": papalexi_rep3, "kang": kang, "norman_unseen_combo": norman_unseen_combo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="folder with the shared .h5ad files")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), action="append", required=True)
+    parser.add_argument("--tokenizer", default="module", choices=["gene", "module", "latent"])
+    parser.add_argument("--source", default="control", choices=["control", "noise"])
+    parser.add_argument("--no-anchor", action="store_true", help="start the control-source flow at the control cell")
+    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--sample-steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.set_num_threads(args.threads)
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "device": "cpu"}}
+    for name in args.protocol:
+        result[name] = PROTOCOLS[name](args.data, args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

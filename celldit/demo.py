@@ -1,0 +1,215 @@
+"""The single-cell demo (``celldit demo``): the bundled Papalexi 2021 screen, end to end.
+
+Stages (progress and timings on stderr):
+
+1. load the Papalexi 2021 THP-1 CRISPR knockout screen bundled with the package
+   (:func:`celldit.data.bundled.bundled_papalexi`, sha256-checked);
+2. split it with :class:`~celldit.data.splits.HeldOutReplicate`: train on ``bio_rep``
+   rep_1 + rep_2, test on rep_3 (``DIR/split.json``);
+3. train a :class:`~celldit.api.CellDiT` with :data:`DEMO_SETTINGS` (mirrored in
+   ``configs/papalexi_rep3.yaml``), control/target pairs within a replicate;
+4. save it to ``DIR/model``;
+5. carry rep_3's control cells (:data:`N_CONTROLS` of them) to every perturbation with at
+   least 40 rep_3 cells (``DIR/counterfactuals.h5ad``);
+6. score them beside the baselines (``DIR/report``, see :func:`celldit.eval.report.evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+__all__ = [
+    "BASELINES",
+    "DEMO_SETTINGS",
+    "MIN_CELLS",
+    "N_CONTROLS",
+    "QUICK_SETTINGS",
+    "TABLE_METRICS",
+    "DemoResult",
+    "format_table",
+    "run_demo",
+]
+
+#: the demo's ``celldit fit`` options (``configs/papalexi_rep3.yaml`` holds the same values)
+DEMO_SETTINGS: dict[str, Any] = {
+    "perturbation_key": "perturbation",
+    "control": ["control"],
+    "pair_keys": ["bio_rep"],
+    "holdout": ["bio_rep=rep_3"],
+    "tokenizer": "module",
+    "source": "control",
+    "genes": "all",
+    "hidden_size": 64,
+    "depth": 2,
+    "max_steps": 1000,
+    "batch_size": 128,
+    "lr": 3e-4,
+    "seed": 0,
+}
+#: ``--quick``: a tiny run that still goes through every stage (for tests)
+QUICK_SETTINGS: dict[str, Any] = {"max_steps": 20, "batch_size": 64, "hidden_size": 32, "depth": 1,
+                                  "train_cells_per_group": 40, "n_controls": 150}
+BASELINES = ("no_change", "train_mean", "mean_shift", "linear")
+MIN_CELLS = 40  # score the perturbations with at least this many rep_3 cells (the DESIGN protocol)
+#: rep_3 control cells carried to each perturbation: the evaluation compares at most 300
+#: cells a side (``evaluate(max_cells=300)``), so more sources add sampling time, not signal
+N_CONTROLS = 300
+TABLE_METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "edistance")
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` did: the report summary, stage wall times (s) and written files."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    conditions: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def _stage(key: str, message: str, timings: dict[str, float], log: TextIO):
+    print(f"[celldit demo] {message} ...", file=log, flush=True)
+    start = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - start, 2)
+    print(f"[celldit demo] {key} done in {timings[key]:.1f} s", file=log, flush=True)
+
+
+def _subsample(obs, keys: list[str], per_group: int, seed: int) -> np.ndarray:
+    """Sorted row indices: at most ``per_group`` random rows of each combination of ``keys``."""
+    rng = np.random.default_rng(seed)
+    groups = obs.groupby(keys, observed=True).indices.values()
+    return np.sort(np.concatenate([rng.permutation(rows)[:per_group] for rows in groups]))
+
+
+def format_table(summary: dict[str, Any], metrics: tuple[str, ...] = TABLE_METRICS) -> str:
+    """Plain-text table of the mean of each metric per method (model first)."""
+    methods = [m for m in ("model", *BASELINES) if isinstance(summary.get(m), dict)]
+    width = max(len(m) for m in metrics)
+    lines = ["method      " + "  ".join(f"{m:>{width}}" for m in metrics)]
+    for method in methods:
+        values = [summary[method].get(m) for m in metrics]
+        cells = ["nan" if v is None or not np.isfinite(v) else f"{v:.4f}" for v in values]
+        lines.append(f"{method:<12}" + "  ".join(f"{c:>{width}}" for c in cells))
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: str | Path, max_steps: int | None = None, quick: bool = False, threads: int | None = 1,
+             progress_bar: bool = True, log: TextIO | None = None) -> DemoResult:
+    """Run the demo into ``out_dir`` (created; an existing non-empty folder is an error).
+
+    Parameters
+    ----------
+    out_dir
+        Output folder: ``split.json``, ``model/``, ``counterfactuals.h5ad``, ``report/``,
+        ``demo.json`` (settings, timings, summary, data provenance).
+    max_steps
+        Training steps (default: :data:`DEMO_SETTINGS`, or :data:`QUICK_SETTINGS` with ``quick``).
+    quick
+        A tiny run: a small model, a few steps, at most 40 training cells per replicate and
+        label, and 150 rep_3 control cells as sources.
+    threads
+        torch and BLAS CPU threads (None: leave unchanged). One is as fast as two for these
+        small models and does not stall when another process holds a core.
+    progress_bar
+        Show Lightning's progress bar while training.
+    log
+        Stream of the progress messages (default stderr).
+    """
+    from celldit.api import CellDiT
+    from celldit.cli.counterfactual import write_h5ad_atomic
+    from celldit.cli.fit import holdout_record, parse_holdout, set_threads
+    from celldit.data.bundled import bundled_papalexi
+    from celldit.data.spec import PerturbationSpec
+    from celldit.data.splits import HeldOutReplicate
+    from celldit.eval.report import evaluate
+
+    log = sys.stderr if log is None else log
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {str(out)!r} already exists and is not empty: choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads(threads)
+    settings = dict(DEMO_SETTINGS)
+    if quick:
+        settings.update({k: v for k, v in QUICK_SETTINGS.items() if k in settings})
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {max_steps}")
+        settings["max_steps"] = max_steps
+    key = settings["perturbation_key"]
+    rules = parse_holdout(settings["holdout"])
+    split_key = next(iter(rules[0]))
+    split_values = [rule[split_key] for rule in rules]
+    timings: dict[str, float] = {}
+    files: dict[str, Path] = {}
+    start = time.perf_counter()
+
+    with _stage("load", "load the bundled Papalexi 2021 screen", timings, log):
+        adata, provenance = bundled_papalexi()
+        print(f"  {adata.n_obs} cells x {adata.n_vars} genes; {provenance['study'].split(',')[0]} "
+              f"({provenance['accession']}); provenance: celldit/data/bundled/PROVENANCE.md", file=log)
+
+    with _stage("split", f"split: hold out {split_key}={','.join(split_values)}", timings, log):
+        spec = PerturbationSpec(key, settings["control"])
+        split = HeldOutReplicate(spec, key=split_key, values=list(split_values))
+        masks = split.masks(adata)
+        files["split"] = split.save(out / "split.json")
+        train, test = adata[masks.train].copy(), adata[masks.test].copy()
+        if quick:
+            train = train[_subsample(train.obs, [split_key, key], QUICK_SETTINGS["train_cells_per_group"],
+                                     settings["seed"])].copy()
+        print(f"  train {train.n_obs} cells, test {test.n_obs} cells", file=log)
+
+    with _stage("train", f"train CellDiT ({settings['max_steps']} steps)", timings, log):
+        model = CellDiT(train, key, settings["control"], pair_keys=settings["pair_keys"],
+                        tokenizer=settings["tokenizer"], source=settings["source"], genes=settings["genes"],
+                        hidden_size=settings["hidden_size"], depth=settings["depth"], seed=settings["seed"])
+        model.fit(max_steps=settings["max_steps"], batch_size=settings["batch_size"], lr=settings["lr"],
+                  progress_bar=progress_bar)
+        print(f"  final loss {model.history['final_loss']:.4f}", file=log)
+
+    with _stage("save", "save the model", timings, log):
+        files["model"] = model.save(out / "model")
+        held = ~masks.train
+        record = holdout_record(adata.obs, {**settings, "data": provenance["path"], "delimiter": "+",
+                                            "dose_key": None, "covariate_keys": []},
+                                rules, held)
+        (out / "model" / "holdout.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    with _stage("sample", "sample counterfactual cells", timings, log):
+        labels = test.obs[key].astype(str)
+        counts = labels[~np.isin(labels, spec.control_labels)].value_counts()
+        conditions = sorted(str(p) for p, n in counts.items() if n >= MIN_CELLS)
+        controls = test[np.isin(labels, spec.control_labels)]
+        n_controls = QUICK_SETTINGS["n_controls"] if quick else N_CONTROLS
+        rng = np.random.default_rng(settings["seed"])
+        controls = controls[np.sort(rng.permutation(controls.n_obs)[:n_controls])]
+        pred = model.counterfactual(controls.copy(), conditions, seed=settings["seed"])
+        files["counterfactuals"] = write_h5ad_atomic(pred, out / "counterfactuals.h5ad")
+        print(f"  {controls.n_obs} {split_values[0]} control cells x {len(conditions)} perturbations "
+              f"= {pred.n_obs} cells", file=log)
+
+    with _stage("evaluate", "evaluate beside the baselines", timings, log):
+        result = evaluate(test, pred, spec, train=train, baselines=list(BASELINES), min_cells=MIN_CELLS,
+                          max_cells=N_CONTROLS, out_dir=out / "report", split=split.to_dict(), seed=settings["seed"])
+        files.update({f"report_{k}": v for k, v in result.files.items()})
+
+    timings["total"] = round(time.perf_counter() - start, 2)
+    record = {"settings": settings, "quick": quick, "timings_s": timings, "conditions": conditions,
+              "summary": {m: {k: result.summary[m].get(k) for k in TABLE_METRICS}
+                          for m in ("model", *BASELINES) if m in result.summary},
+              "n_conditions": result.summary["n_conditions"], "data": provenance}
+    files["demo"] = out / "demo.json"
+    files["demo"].write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return DemoResult(out, result.summary, timings, files, conditions)

@@ -1,0 +1,304 @@
+"""CellDiT end to end with tiny models: what is learned, identities, save/load, errors, results.
+
+The planted data set: 24 genes in log space (X used as given); control cells ~ N(mu, 0.3^2)
+and perturbation P cells with a bimodal response on genes 0-3 (half the cells +3, half 0:
+a mean shift of +1.5 and a far wider spread).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from anndata import AnnData
+
+from celldit.api import CellDiT
+
+G, N_CTRL, N_P = 24, 200, 200
+SHIFTED = slice(0, 4)
+TINY = {"hidden_size": 32, "depth": 1, "num_heads": 4}
+FIT = {"batch_size": 128, "block_size": 64, "warmup_steps": 20, "progress_bar": False, "ema_decay": None}
+
+
+def planted_adata(seed: int = 0) -> AnnData:
+    rng = np.random.default_rng(seed)
+    mu = rng.uniform(1.5, 3.0, G)
+    x = mu + 0.3 * rng.standard_normal((N_CTRL + N_P, G))
+    x[N_CTRL: N_CTRL + N_P // 2, SHIFTED] += 3.0
+    obs = pd.DataFrame({"perturbation": ["control"] * N_CTRL + ["P"] * N_P},
+                       index=[f"cell{i}" for i in range(N_CTRL + N_P)])
+    return AnnData(np.clip(x, 0, None).astype(np.float32), obs=obs,
+                   var=pd.DataFrame(index=[f"g{i}" for i in range(G)]))
+
+
+def build(adata: AnnData, **kwargs) -> CellDiT:
+    """A tiny CellDiT (log-space X: the 'used as given' warning is expected and silenced)."""
+    kw = dict(TINY, tokenizer="module", perturbation_features=None)
+    kw.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return CellDiT(adata, **kw)
+
+
+def counterfactual(model: CellDiT, adata: AnnData, label, **kwargs) -> AnnData:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return model.counterfactual(adata, label, **kwargs)
+
+
+def jiggle(model: CellDiT, seed: int = 0, scale: float = 0.1) -> CellDiT:
+    """Random trainable weights, so that outputs depend on every weight (the untrained
+    adaLN-Zero network outputs exactly zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.network.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted() -> AnnData:
+    return planted_adata()
+
+
+@pytest.fixture(scope="module")
+def control_model(planted) -> CellDiT:
+    """Control source without anchors: the network has to learn the shift (~5 s)."""
+    return build(planted, source="control", anchor=False).fit(max_steps=300, lr=2e-3, **FIT)
+
+
+@pytest.fixture(scope="module")
+def noise_model(planted) -> CellDiT:
+    """Noise source (~10 s)."""
+    return build(planted, source="noise").fit(max_steps=500, lr=4e-3, **dict(FIT, batch_size=256))
+
+
+# -- what is learned -------------------------------------------------------------------------
+def test_control_source_learns_the_planted_bimodal_shift(control_model, planted):
+    assert control_model.is_trained and np.isfinite(control_model.history["final_loss"])
+    x = planted.X
+    truth = x[N_CTRL:].mean(0) - x[:N_CTRL].mean(0)
+    out = counterfactual(control_model, planted[:N_CTRL], "P").X
+    err = out.mean(0) - x[:N_CTRL].mean(0) - truth
+    assert np.abs(err[SHIFTED]).max() < 0.25, err
+    assert np.abs(err[4:]).max() < 0.15, err
+    # more than a mean shift: the response is bimodal (true sd ~1.5, a shifted control ~0.3)
+    assert out[:, SHIFTED].std(0).min() > 1.0
+    high = out[:, SHIFTED].mean(1) > x[:N_CTRL, SHIFTED].mean() + 1.5
+    assert 0.35 < high.mean() < 0.65
+
+
+def test_untrained_anchor_model_is_the_mean_shift(planted):
+    model = build(planted, source="control", anchor=True)
+    ctrl = planted[:N_CTRL]
+    shift = planted.X[N_CTRL:].mean(0) - planted.X[:N_CTRL].mean(0)
+    np.testing.assert_allclose(model.conditions.anchor((("P",), (1.0,))), shift, atol=1e-5)
+    np.testing.assert_allclose(counterfactual(model, ctrl, "P").X, ctrl.X + shift, atol=1e-5)
+    gen = model.generate("P", n=50, seed=3).X  # bank controls + shift
+    bank = model.bank_x.numpy()
+    dist = np.abs((gen - shift)[:, None, :] - bank[None]).max(-1).min(1)
+    assert dist.max() < 1e-5
+    # the anchor-free model starts at the identity
+    np.testing.assert_array_equal(counterfactual(build(planted, anchor=False), ctrl, "P").X, ctrl.X)
+
+
+def test_noise_source_generates_the_planted_mean(noise_model, planted):
+    truth = planted.X[N_CTRL:].mean(0)
+    err = noise_model.generate("P", n=1000, seed=0).X.mean(0) - truth
+    assert np.abs(err[SHIFTED]).max() < 0.3, err
+    assert np.abs(err[4:]).max() < 0.15, err
+    err_ctrl = noise_model.generate("control", n=1000, seed=1).X.mean(0) - planted.X[:N_CTRL].mean(0)
+    assert np.abs(err_ctrl).max() < 0.15, err_ctrl
+    # a counterfactual inverts the controls to noise, then generates under P
+    err_cf = counterfactual(noise_model, planted[:N_CTRL], "P").X.mean(0) - truth
+    assert np.abs(err_cf[SHIFTED]).max() < 0.3 and np.abs(err_cf[4:]).max() < 0.15, err_cf
+
+
+# -- control maps to itself --------------------------------------------------------------------
+def test_control_label_is_the_identity_for_the_control_source(control_model, planted):
+    ctrl = planted[:N_CTRL]
+    guided = jiggle(build(planted, source="control", anchor=True, cfg_dropout=0.1))
+    for model in (control_model, guided):
+        for cfg in (1.0, 2.5):  # guided too: the unconditional branch of a control label is still 0
+            out = counterfactual(model, ctrl, "control", cfg_scale=cfg)
+            np.testing.assert_allclose(out.X, ctrl.X, rtol=0, atol=1e-6)
+        moved = counterfactual(model, ctrl, "P").X  # while P does move them
+        assert np.abs(moved[:, SHIFTED] - ctrl.X[:, SHIFTED]).mean() > 0.5
+    more = counterfactual(guided, ctrl, "P", cfg_scale=2.5).X
+    assert np.abs(more - counterfactual(guided, ctrl, "P").X).max() > 1e-3  # guidance acts on P
+
+
+def test_noise_source_inversion_round_trip(noise_model, planted):
+    ctrl = planted[:N_CTRL]
+    for method, steps in (("rk4", 20), ("heun", 50)):
+        out = counterfactual(noise_model, ctrl, "control", method=method, steps=steps).X
+        err = np.abs(out - ctrl.X)
+        assert err.mean() < 1e-3 and err.max() < 1e-2, (method, err.mean(), err.max())  # measured ~5e-7, 3e-5
+    # the field is not trivial: a coarse Euler round trip does not close
+    coarse = counterfactual(noise_model, ctrl, "control", method="euler", steps=5).X
+    assert np.abs(coarse - ctrl.X).mean() > 0.01
+
+
+# -- save / load -------------------------------------------------------------------------------
+def gene_pert_adata(seed: int = 1) -> AnnData:
+    """Planted-like data whose perturbations are genes (so expression priors cover them)."""
+    adata = planted_adata(seed)
+    labels = np.array(["control"] * N_CTRL + ["g2"] * (N_P // 2) + ["g3"] * (N_P // 2), dtype=object)
+    adata.obs["perturbation"] = labels
+    return adata
+
+
+@pytest.mark.parametrize("source", ["control", "noise"])
+@pytest.mark.parametrize("tokenizer", ["gene", "module", "latent"])
+def test_save_load_round_trip(tmp_path, tokenizer, source):
+    adata = gene_pert_adata()
+    model = jiggle(build(adata, tokenizer=tokenizer, source=source, perturbation_features="expression",
+                         latent_dim=12, token_dim=4))
+    assert model.settings["prior_dim"] > 0
+    ctrl = adata[:40]
+    kw = {"steps": 4} if source == "noise" else {}
+    before = counterfactual(model, ctrl, ["g2", "g7"], **kw)  # g7: a prior-only perturbation
+    gen_before = model.generate("g3", n=30, seed=5, **kw)
+    if source == "control":  # the weights matter (an untrained network would give control + anchor)
+        anchor = model.conditions.anchor((("g2",), (1.0,)))
+        assert np.abs(before.X[:40] - (ctrl.X + anchor)).max() > 1e-3
+    path = model.save(tmp_path / "model")
+    assert {p.name for p in path.iterdir()} >= {"model.safetensors", "config.json", "genes.json", "vocab.json"}
+    assert json.loads((path / "genes.json").read_text()) == model.genes
+    with pytest.raises(FileExistsError):
+        model.save(path)
+    loaded = CellDiT.load(path)
+    assert loaded.genes == model.genes and loaded.vocab == model.vocab and loaded.space == model.space
+    after = counterfactual(loaded, ctrl, ["g2", "g7"], **kw)
+    np.testing.assert_allclose(after.X, before.X, rtol=0, atol=1e-6)
+    assert after.obs.equals(before.obs)
+    np.testing.assert_allclose(loaded.generate("g3", n=30, seed=5, **kw).X, gen_before.X, rtol=0, atol=1e-6)
+    assert not np.allclose(model.generate("g3", n=30, seed=6, **kw).X, gen_before.X)  # the seed matters
+    model.save(path, overwrite=True)
+
+
+def test_trained_model_save_load(tmp_path, control_model, planted):
+    path = control_model.save(tmp_path / "trained")
+    loaded = CellDiT.load(path)
+    assert loaded.is_trained and loaded.settings["anchor"] is False
+    ctrl = planted[:N_CTRL]
+    np.testing.assert_allclose(counterfactual(loaded, ctrl, "P").X, counterfactual(control_model, ctrl, "P").X,
+                               rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(loaded.generate("P", n=20, seed=2).X, control_model.generate("P", n=20, seed=2).X)
+
+
+# -- errors ------------------------------------------------------------------------------------
+def counts_adata(seed: int = 0, n_genes: int = 12) -> AnnData:
+    """Counts with two cell types and two replicates; perturbations P and Q."""
+    rng = np.random.default_rng(seed)
+    labels = ["control"] * 24 + ["P"] * 16 + ["Q"] * 16
+    n = len(labels)
+    counts = rng.poisson(rng.uniform(1, 8, n_genes), size=(n, n_genes)).astype(np.float32)
+    counts[:, 0] += 1
+    counts[24:40, 1] += 20  # P raises gene 1
+    obs = pd.DataFrame({"perturbation": labels, "cell_type": np.tile(["T", "B"], n // 2),
+                        "replicate": np.repeat(["r1", "r2"], n // 2)[rng.permutation(n)]},
+                       index=[f"c{i}" for i in range(n)])
+    return AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+
+
+def test_inputs_are_checked_with_named_errors():
+    adata = counts_adata()
+    model = build(adata, covariate_keys=["cell_type"], pair_keys=["replicate"])
+    ctrl = adata[adata.obs["perturbation"] == "control"]
+    with pytest.raises(ValueError, match="'g3'"):
+        model.counterfactual(ctrl[:, [g for g in adata.var_names if g != "g3"]], "P")
+    with pytest.raises(KeyError, match="'NOPE'"):
+        model.counterfactual(ctrl, "NOPE")
+    with pytest.raises(KeyError, match="'NOPE'"):
+        model.counterfactual(ctrl, "P+NOPE")
+    with pytest.raises(KeyError, match="'NOPE'"):
+        model.generate({"perturbation": "NOPE", "cell_type": "T"})
+    with pytest.raises(ValueError, match="no control cells in the input"):
+        model.counterfactual(adata[adata.obs["perturbation"] == "P"], "Q")
+    with pytest.raises(KeyError, match="'cell_type'"):
+        model.generate("P", n=3)
+    with pytest.raises(ValueError, match="'cell_type'"):
+        model.counterfactual(AnnData(ctrl.X, var=ctrl.var), "P")  # no covariate column
+    bad = ctrl.copy()
+    bad.X[2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.counterfactual(bad, "P")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"perturbation_key": "treatment"}, "'treatment'"),
+    ({"covariate_keys": ["donor"]}, "'donor'"),
+    ({"pair_keys": ["batch"]}, "'batch'"),
+    ({"control": "ctrl"}, "'ctrl'"),
+])
+def test_registration_errors_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(counts_adata(), **kwargs)
+
+
+def test_registration_needs_control_cells_and_finite_values():
+    adata = counts_adata()
+    with pytest.raises(ValueError, match="control"):
+        build(adata[adata.obs["perturbation"] != "control"].copy())
+    bad = adata.copy()
+    bad.X[5, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        build(bad)
+
+
+# -- unseen perturbations ----------------------------------------------------------------------
+def test_unseen_perturbation_with_user_prior_features():
+    adata = counts_adata()
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.standard_normal((3, 8)), index=["P", "Q", "NEW"])
+    model = jiggle(build(adata, covariate_keys=["cell_type"], perturbation_features=table))
+    assert model.vocab.perturbations == ["P", "Q", "NEW"] and list(model.vocab.seen_mask) == [True, True, False]
+    ctrl = adata[adata.obs["perturbation"] == "control"]
+    out = model.counterfactual(ctrl, ["NEW", "P+NEW"])
+    assert out.n_obs == 2 * ctrl.n_obs and np.isfinite(out.X).all()
+    assert np.abs(out.X[: ctrl.n_obs] - model.counterfactual(ctrl, "control").X).max() > 1e-3  # NEW does something
+    with pytest.raises(KeyError, match="'ELSEWHERE'"):
+        model.counterfactual(ctrl, "ELSEWHERE")
+
+
+# -- results -----------------------------------------------------------------------------------
+def test_results_anndata_and_anchors_within_covariates():
+    adata = counts_adata()
+    genes = ["g5", "g1", "g9", "g0"]
+    model = build(adata, genes=genes, covariate_keys=["cell_type"], pair_keys=["replicate"], anchor=True)
+    assert model.genes == genes and model.space == "log1p_normalized"
+    # hand-made anchors: mean(P) - mean(control) per cell type, averaged over cell types
+    c = adata.X.astype(np.float64)
+    logx = pd.DataFrame(np.log1p(1e4 * c / c.sum(1, keepdims=True)), columns=adata.var_names)[genes].to_numpy()
+    lab, ct = adata.obs["perturbation"].to_numpy(), adata.obs["cell_type"].to_numpy()
+    anchor = np.mean([logx[(lab == "P") & (ct == t)].mean(0) - logx[(lab == "control") & (ct == t)].mean(0)
+                      for t in ("B", "T")], axis=0)
+    assert anchor[1] > 1.0  # P raises g1
+    out = model.counterfactual(adata, ["P", "control"])  # counts in, controls picked by label
+    ctrl = adata.obs_names[lab == "control"]
+    n = len(ctrl)
+    assert out.n_obs == 2 * n and list(out.var_names) == genes
+    np.testing.assert_allclose(out.X[:n], logx[lab == "control"] + anchor, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.X[n:], logx[lab == "control"], rtol=1e-5, atol=1e-5)
+    assert list(out.obs["perturbation"]) == ["P"] * n + ["control"] * n
+    assert list(out.obs["celldit_source"]) == list(ctrl) * 2
+    assert list(out.obs["cell_type"]) == list(adata.obs.loc[ctrl, "cell_type"]) * 2
+    assert out.obs_names.is_unique
+    assert out.uns["celldit"]["space"] == "log1p_normalized"
+    gen = model.generate({"perturbation": "P", "cell_type": "B"}, n=9, seed=1)
+    assert list(gen.var_names) == genes and list(gen.obs["cell_type"]) == ["B"] * 9
+    assert list(gen.obs["perturbation"]) == ["P"] * 9
+    b_ctrl = logx[(lab == "control") & (ct == "B")]
+    dist = np.abs((gen.X - anchor)[:, None, :] - b_ctrl[None]).max(-1).min(1)
+    assert dist.max() < 1e-5  # started from B controls
+    with pytest.raises(ValueError, match="no training control cells"):
+        model.generate({"perturbation": "P", "cell_type": "NK"}, n=2)
+    planted = build(planted_adata(), anchor=False)
+    res = counterfactual(planted, planted_adata()[:5], "P")
+    assert planted.space == "as_given" and res.uns["celldit"]["space"] == "as_given"
