@@ -56,7 +56,8 @@ def _summary(res, methods) -> dict:
 def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
     t0 = time.perf_counter()
     model = CellDiT(train, **registration, tokenizer=args.tokenizer, source=args.source, anchor=not args.no_anchor,
-                    hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads, seed=args.seed)
+                    hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
+                    cfg_dropout=args.cfg_dropout, seed=args.seed)
     t1 = time.perf_counter()
     model.fit(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, progress_bar=False, accelerator="cpu")
     t2 = time.perf_counter()
@@ -67,6 +68,9 @@ def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
 
 
 def _sample(model: CellDiT, controls: ad.AnnData, labels: list[str], args) -> tuple[ad.AnnData, dict]:
+    if args.n_controls and controls.n_obs > args.n_controls:
+        keep = np.sort(np.random.default_rng(args.seed).permutation(controls.n_obs)[: args.n_controls])
+        controls = controls[keep].copy()
     t0 = time.perf_counter()
     pred = model.counterfactual(controls, labels, steps=args.sample_steps, seed=args.seed)
     dt = time.perf_counter() - t0
@@ -137,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default="module", choices=["gene", "module", "latent"])
     parser.add_argument("--source", default="control", choices=["control", "noise"])
     parser.add_argument("--no-anchor", action="store_true", help="start the control-source flow at the control cell")
+    parser.add_argument("--cfg-dropout", type=float, default=0.2)
+    parser.add_argument("--n-controls", type=int, default=0,
+                        help="carry only this many test control cells (seeded draw; 0 = all)")
     parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -49,8 +49,8 @@ DEMO_SETTINGS: dict[str, Any] = {
     "genes": "all",
     "hidden_size": 64,
     "depth": 2,
-    "max_steps": 1000,
-    "batch_size": 128,
+    "max_steps": 1500,
+    "batch_size": 256,
     "lr": 3e-4,
     "seed": 0,
 }

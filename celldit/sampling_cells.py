@@ -127,17 +127,32 @@ class CellSampler:
         except ValueError as err:
             raise ValueError(f"the input's genes do not match the model's ({len(self.genes)} genes): {err}") from None
         x = torch.from_numpy(rows.all_rows())
+        offset = self._input_centers(controls, x)
+        x = x - offset
         cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
         cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
         torch.manual_seed(seed)
         parts, obs = [], []
         for label in labels:
             pert = self._condition(label, dose)
-            parts.append(self._transport(x, pert, cov_idx, steps, method, cfg_scale, batch_size))
+            parts.append(self._transport(x, pert, cov_idx, steps, method, cfg_scale, batch_size) + offset)
             o = self._labels_obs(label, dose, cov, [f"{c}-{label}" for c in controls.obs_names])
             o["celldit_source"] = controls.obs_names.astype(str).to_numpy()
             obs.append(o)
         return self._result(torch.cat(parts), pd.concat(obs))
+
+    def _input_centers(self, controls: AnnData, x: torch.Tensor) -> torch.Tensor:
+        """(n, G) offset of each input cell: the mean of the input's control cells of its
+        batch (values of the pair keys, when the input has them) for a centred model, else 0."""
+        if not self.settings.get("center"):
+            return torch.zeros_like(x)
+        keys = [k for k in self.settings["pair_keys"] if k in controls.obs.columns]
+        batch = controls.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys else np.zeros(len(x))
+        offset = torch.empty_like(x)
+        for b in np.unique(batch):
+            m = torch.from_numpy(batch == b)
+            offset[m] = x[m].mean(0)
+        return offset
 
     def _controls_of(self, adata: AnnData) -> AnnData:
         key = self.spec.perturbation_key
@@ -189,4 +204,6 @@ class CellSampler:
             pool = np.flatnonzero(match)
             pick = pool[torch.randint(len(pool), (n,), generator=gen).numpy()]
             x = self._transport(self.bank_x[pick], pert, cov_idx, steps, method, cfg_scale, 2048)
+        if self.settings.get("center"):  # the model's cells are relative to their batch's controls
+            x = x + self.reference
         return self._result(x, self._labels_obs(label, dose, cov, [f"celldit-{i}" for i in range(n)]))

@@ -271,7 +271,8 @@ def test_unseen_perturbation_with_user_prior_features():
 def test_results_anndata_and_anchors_within_covariates():
     adata = counts_adata()
     genes = ["g5", "g1", "g9", "g0"]
-    model = build(adata, genes=genes, covariate_keys=["cell_type"], pair_keys=["replicate"], anchor=True)
+    model = build(adata, genes=genes, covariate_keys=["cell_type"], pair_keys=["replicate"], anchor=True,
+                  center=False)  # uncentred: the anchor is the plain mean shift (centring: see below)
     assert model.genes == genes and model.space == "log1p_normalized"
     # hand-made anchors: mean(P) - mean(control) per cell type, averaged over cell types
     c = adata.X.astype(np.float64)
@@ -302,3 +303,62 @@ def test_results_anndata_and_anchors_within_covariates():
     planted = build(planted_adata(), anchor=False)
     res = counterfactual(planted, planted_adata()[:5], "P")
     assert planted.space == "as_given" and res.uns["celldit"]["space"] == "as_given"
+
+
+def test_batches_are_centred_on_their_own_controls():
+    """Two training batches with opposite offsets and a new batch with a third offset: the
+    untrained anchored model predicts new-batch controls + the planted shift (the anchor
+    is computed on batch-centred cells), and the control label is still the identity."""
+    rng = np.random.default_rng(3)
+    n, offsets = 60, {"b1": -1.0, "b2": 1.0, "b3": 4.0}
+    xs, obs = [], []
+    for b, off in offsets.items():
+        base = 2.0 + off + 0.2 * rng.standard_normal((2 * n, G))
+        base[n:, SHIFTED] += 1.0  # planted shift of P, in every batch
+        xs.append(base)
+        obs += [("control", b)] * n + [("P", b)] * n
+    obs = pd.DataFrame(obs, columns=["perturbation", "batch"], index=[f"c{i}" for i in range(len(obs))])
+    adata = AnnData(np.concatenate(xs).astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(G)]))
+    train, new = adata[obs["batch"] != "b3"].copy(), adata[(obs["batch"] == "b3") & (obs["perturbation"] == "control")].copy()
+    # unbalanced batches: P cells of b2 only half kept, so an uncentred mean shift is biased
+    keep = ~((train.obs["batch"] == "b2") & (train.obs["perturbation"] == "P")) | (np.arange(train.n_obs) % 2 == 0)
+    train = train[keep].copy()
+    model = build(train, pair_keys=["batch"])
+    assert model.settings["center"]
+    out = counterfactual(model, new, ["control", "P"])
+    x = new.X
+    np.testing.assert_allclose(out.X[: new.n_obs], x, atol=1e-5)
+    shift = out.X[new.n_obs:].mean(0) - x.mean(0)
+    np.testing.assert_allclose(shift[SHIFTED], 1.0, atol=0.1)
+    assert np.abs(shift[4:]).max() < 0.1
+    uncentred = build(train, pair_keys=["batch"], center=False)
+    biased = counterfactual(uncentred, new, "P").X.mean(0) - x.mean(0)
+    assert np.abs(biased[4:]).max() > 0.3  # the batch offset leaks into the shift without centring
+
+
+def test_norman_unseen_combination_generates_end_to_end():
+    """Norman toy (GEARS labels, per-part doses "1+1"): train without one combination whose
+    singles are seen; its counterfactual starts from the sum of the singles' anchors and
+    comes out finite, labelled, with the training genes."""
+    import anndata as ad
+    from conftest import shared_data
+
+    adata = ad.read_h5ad(shared_data("norman2019_toy_combos.h5ad"))
+    combo = "MAP2K6+ELMSAN1"
+    labels = adata.obs["condition"].astype(str)
+    train = adata[labels != combo].copy()
+    model = CellDiT(train, "condition", "ctrl", dose_key="dose_val", perturbation_features=None, **TINY)
+    assert ("ELMSAN1",) in [k[0] for k in model.conditions.keys]
+    assert ("ELMSAN1", "MAP2K6") not in [k[0] for k in model.conditions.keys]
+    ctrl = adata[labels == "ctrl"].copy()
+    before = model.counterfactual(ctrl, combo)  # untrained: control + additive anchor
+    single = model.counterfactual(ctrl, ["MAP2K6+ctrl", "ctrl+ELMSAN1"])
+    base = model.counterfactual(ctrl, "ctrl").X
+    n = ctrl.n_obs
+    additive = base + (single.X[:n] - base) + (single.X[n:] - base)
+    np.testing.assert_allclose(before.X, additive, atol=1e-5)
+    model.fit(max_steps=20, **FIT)
+    after = model.counterfactual(ctrl, combo)
+    assert np.isfinite(after.X).all() and list(after.var_names) == list(adata.var_names)
+    assert set(after.obs["condition"]) == {combo}
+    assert list(after.obs["celldit_source"]) == list(ctrl.obs_names)

@@ -77,11 +77,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--genes", default=None, metavar="all|hvg|FILE.txt",
                    help="gene set: all (default), hvg, or a text file with one gene per line")
     p.add_argument("--n-top-genes", type=int, default=None, help="highly variable genes with --genes hvg")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 2000)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 1500)")
     p.add_argument("--batch-size", type=int, default=None, help="cells per batch (default 256)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4)")
-    p.add_argument("--hidden-size", type=int, default=None, help="transformer width (default 128)")
-    p.add_argument("--depth", type=int, default=None, help="transformer blocks (default 4)")
+    p.add_argument("--hidden-size", type=int, default=None, help="transformer width (default 64)")
+    p.add_argument("--depth", type=int, default=None, help="transformer blocks (default 2)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--backed", action="store_true", default=None,
                    help="open DATA on disk (anndata backed='r') instead of loading it")

@@ -130,6 +130,38 @@ class ExpressionRows:
         return np.concatenate([self.rows(idx[s: s + chunk]) for s in range(0, len(idx), chunk)])
 
 
+class CenteredRows:
+    """Expression rows minus the control mean of each cell's batch (``rows`` like :class:`ExpressionRows`).
+
+    Replicates and batches of a screen differ mostly by an offset of the whole batch, which
+    each batch's control cells measure. Working on ``x - mean(controls of its batch)`` puts
+    cells of a new batch (centred on their own controls) where the model was trained.
+
+    Parameters
+    ----------
+    expr
+        The uncentred rows.
+    centers
+        (n_batches, G) control mean of each batch.
+    batch
+        (n_cells,) batch code of each cell.
+    """
+
+    def __init__(self, expr: ExpressionRows, centers: np.ndarray, batch: np.ndarray):
+        self.expr, self.centers, self.batch = expr, centers.astype(np.float32), np.asarray(batch)
+        self.genes, self.n_obs, self.counts = expr.genes, expr.n_obs, expr.counts
+
+    @property
+    def n_vars(self) -> int:
+        return self.expr.n_vars
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        return self.expr.rows(idx) - self.centers[self.batch[idx]]
+
+    all_rows = ExpressionRows.all_rows
+
+
 class PairedBatches(IterableDataset):
     """Batches of (source control cell, target cell, condition) for flow matching.
 
@@ -167,7 +199,7 @@ class PairedBatches(IterableDataset):
         Seed of the draws (re-seeded per epoch).
     """
 
-    def __init__(self, expr: ExpressionRows, cond_id: np.ndarray, group_id: np.ndarray, cells: np.ndarray,
+    def __init__(self, expr: ExpressionRows | CenteredRows, cond_id: np.ndarray, group_id: np.ndarray, cells: np.ndarray,
                  control_cond: int, pert_idx: np.ndarray, pert_scale: np.ndarray, cov_idx: np.ndarray,
                  anchors: np.ndarray | None = None, include_control: bool = False, batch_size: int = 256,
                  block_size: int = 64, ot: bool = True, steps: int = 100, seed: int = 0,
@@ -239,14 +271,11 @@ class PairedBatches(IterableDataset):
 
 
 class CellDataModule(L.LightningDataModule):
-    """Lightning wrapper of a training (and optional validation) :class:`PairedBatches`."""
+    """Lightning wrapper of a training :class:`PairedBatches` (batches are built in the main process)."""
 
-    def __init__(self, train: PairedBatches, val: PairedBatches | None = None):
+    def __init__(self, train: PairedBatches):
         super().__init__()
-        self.train_set, self.val_set = train, val
+        self.train_set = train
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=None)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return DataLoader(self.val_set, batch_size=None) if self.val_set is not None else []
