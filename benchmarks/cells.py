@@ -50,7 +50,10 @@ METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "r2_mean", "ed
 
 
 def _summary(res, methods) -> dict:
-    return {m: {k: round(float(res.summary[m][k]), 4) for k in METRICS if k in res.summary[m]} for m in methods}
+    def num(v):
+        return None if v is None else round(float(v), 4)
+
+    return {m: {k: num(res.summary[m][k]) for k in METRICS if k in res.summary[m]} for m in methods}
 
 
 def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
