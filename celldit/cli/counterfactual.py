@@ -22,6 +22,8 @@ __all__ = [
     "add_parser",
     "check_labels",
     "read_h5ad",
+    "add_sampling_arguments",
+    "load_model",
     "run",
     "trained_labels",
     "write_h5ad_atomic",
@@ -44,13 +46,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     which.add_argument("--perturbation", nargs="+", metavar="P", help="perturbation label(s), e.g. STAT1 or A+B")
     which.add_argument("--all", action="store_true", help="every perturbation the model was trained on")
     p.add_argument("--dose", default=None, help="dose of every perturbation (models with a dose key)")
+    add_sampling_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Solver, guidance, seed and output options shared by ``counterfactual`` and ``generate``."""
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: 20 control source, 50 noise)")
     p.add_argument("--method", choices=SOLVER_CHOICES, default=None, help="ODE solver")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="output .h5ad (must not exist)")
-    p.set_defaults(func=run)
-    return p
+
+
+def load_model(path: Path):
+    """The CellDiT saved in ``path``; the error names the folder when it does not exist."""
+    from celldit.api import CellDiT
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
+    return CellDiT.load(path)
 
 
 def read_h5ad(path: Path, flag: str):
@@ -107,12 +123,8 @@ def check_labels(model, labels: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sample and write the counterfactual cells; returns the exit code (0)."""
-    from celldit.api import CellDiT
-
     out = check_out(args.out)
-    if not args.model.is_dir():
-        raise FileNotFoundError(f"model folder {str(args.model)!r} does not exist")
-    model = CellDiT.load(args.model)
+    model = load_model(args.model)
     labels = trained_labels(model) if args.all else list(dict.fromkeys(args.perturbation))
     if not labels:
         raise ValueError("the model has no perturbed condition to predict (--all found none)")

@@ -16,9 +16,10 @@ import argparse
 from pathlib import Path
 
 from celldit.cli.counterfactual import (
-    SOLVER_CHOICES,
+    add_sampling_arguments,
     check_labels,
     check_out,
+    load_model,
     write_h5ad_atomic,
 )
 
@@ -35,11 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--condition", required=True, nargs="+", metavar="KEY=VALUE",
                    help="the condition, e.g. perturbation=STAT1 (a bare LABEL means perturbation key=LABEL)")
     p.add_argument("--n", type=int, required=True, help="number of cells")
-    p.add_argument("--steps", type=int, default=None, help="solver steps (default: 20 control source, 50 noise)")
-    p.add_argument("--method", choices=SOLVER_CHOICES, default=None, help="ODE solver")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, type=Path, help="output .h5ad (must not exist)")
+    add_sampling_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -62,14 +59,10 @@ def parse_condition(items: list[str], perturbation_key: str) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Sample and write the cells; returns the exit code (0)."""
-    from celldit.api import CellDiT
-
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     out = check_out(args.out)
-    if not args.model.is_dir():
-        raise FileNotFoundError(f"model folder {str(args.model)!r} does not exist")
-    model = CellDiT.load(args.model)
+    model = load_model(args.model)
     spec = model.spec
     cond = parse_condition(args.condition, spec.perturbation_key)
     known = {spec.perturbation_key, *spec.covariate_keys, *([spec.dose_key] if spec.dose_key else [])}

@@ -6,7 +6,7 @@ class and one line here.
 
 from __future__ import annotations
 
-from .base import Tokenizer
+from .base import CellTokenizer, Tokenizer
 from .codecs import CODECS, AutoencoderCodec, Codec, PCACodec
 from .gene import GeneTokenizer
 from .latent import LatentTokenizer
@@ -34,6 +34,7 @@ def build_tokenizer(name: str, **kwargs) -> Tokenizer:
 
 
 __all__ = [
+    "CellTokenizer",
     "CODECS",
     "TOKENIZERS",
     "AutoencoderCodec",

@@ -46,3 +46,16 @@ class Tokenizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)
+
+
+class CellTokenizer(Tokenizer):
+    """Base of tokenizers for cells: the input is a (B, G) batch of expression vectors."""
+
+    n_genes: int
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.n_genes:
+            raise ValueError(
+                f"cell batch of shape {tuple(x.shape)} does not match the model: expected "
+                f"(B, {self.n_genes}) (n_genes={self.n_genes})"
+            )

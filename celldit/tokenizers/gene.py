@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Tokenizer
+from .base import CellTokenizer
 
 
-class GeneTokenizer(Tokenizer):
+class GeneTokenizer(CellTokenizer):
     """One token per gene: ``token_i = gene_embedding[i] + value_embedding(x_i)``.
 
     ``value_embedding`` is a small MLP (1 -> value_hidden -> hidden_size, SiLU) shared by
@@ -50,13 +50,6 @@ class GeneTokenizer(Tokenizer):
         """N(0, 0.02) gene embeddings (like DiT's label table); the value MLP keeps the
         Xavier init DiT gives every linear (or PyTorch's default outside DiT)."""
         nn.init.normal_(self.gene_embedding.weight, std=0.02)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 2 or x.shape[1] != self.n_genes:
-            raise ValueError(
-                f"cell batch of shape {tuple(x.shape)} does not match the model: expected "
-                f"(B, {self.n_genes}) (n_genes={self.n_genes})"
-            )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         values = self.value_embedding(x.unsqueeze(-1))  # (B, G, 1) -> (B, G, D)

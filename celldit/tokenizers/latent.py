@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Tokenizer
+from .base import CellTokenizer
 from .codecs import CODECS, Codec
 
 
-class LatentTokenizer(Tokenizer):
+class LatentTokenizer(CellTokenizer):
     """Encode gene-space cells with a codec and cut the latent into ``token_dim`` chunks.
 
     ``encode``: x (B, G) -> z = codec.encode(x) (B, k) -> zero-padded to N * token_dim
@@ -98,13 +98,6 @@ class LatentTokenizer(Tokenizer):
         expression space); ``fit_kwargs`` go to the codec's ``fit``. Returns self."""
         self.codec.fit(X, seed=seed, **fit_kwargs)
         return self
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 2 or x.shape[1] != self.n_genes:
-            raise ValueError(
-                f"cell batch of shape {tuple(x.shape)} does not match the model: expected "
-                f"(B, {self.n_genes}) (n_genes={self.n_genes})"
-            )
 
     def _check_fitted(self) -> None:
         if not self.is_fitted:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Tokenizer
+from .base import CellTokenizer
 
 
 def validate_partition(modules: Sequence[Sequence[int]], n_genes: int) -> list[list[int]]:
@@ -50,7 +50,7 @@ def _head(items: list[int], n: int = 10) -> str:
     return ", ".join(map(str, items[:n])) + more
 
 
-class ModuleTokenizer(Tokenizer):
+class ModuleTokenizer(CellTokenizer):
     """One token per gene module: ``token_m = x[genes_m] @ W_m + module_embedding[m]``.
 
     Modules of different sizes are padded to S = the largest size: an index buffer
@@ -105,13 +105,6 @@ class ModuleTokenizer(Tokenizer):
         bound = torch.sqrt(6.0 / (sizes + self.hidden_size)).unsqueeze(-1)  # (M, 1, 1)
         self.weight.uniform_(-1.0, 1.0).mul_(bound).mul_(self.mask.unsqueeze(-1))
         nn.init.normal_(self.module_embedding, std=0.02)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 2 or x.shape[1] != self.n_genes:
-            raise ValueError(
-                f"cell batch of shape {tuple(x.shape)} does not match the model: expected "
-                f"(B, {self.n_genes}) (n_genes={self.n_genes})"
-            )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         # zeroed padding gives padded weights neither an effect nor a gradient
