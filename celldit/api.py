@@ -95,6 +95,10 @@ class CellDiT(CellSampler):
         Probability of replacing a training cell's perturbation tokens by the null token:
         the unconditional branch of classifier-free guidance, and a regulariser of the
         control-source flow (measured in docs/cells.md).
+    covariate_dropout
+        Probability of hiding a training cell's covariate values (an "unknown" token). A
+        perturbation asked in a covariate group where it had no training cells (a held-out
+        cell type) is then predicted with the unknown token, from the cell's state.
     seed
         Seed of module clustering, codec fitting and weight initialisation.
     """
@@ -107,7 +111,8 @@ class CellDiT(CellSampler):
                  perturbation_features: str | pd.DataFrame | Path | None = "expression",
                  modules: str | Mapping[str, Sequence[str]] | None = None, n_modules: int | None = None,
                  latent_dim: int = 32, token_dim: int = 4, hidden_size: int = 64, depth: int = 2,
-                 num_heads: int = 4, mlp_ratio: float = 4.0, cfg_dropout: float = 0.2, seed: int = 0):
+                 num_heads: int = 4, mlp_ratio: float = 4.0, cfg_dropout: float = 0.2,
+                 covariate_dropout: float = 0.2, seed: int = 0):
         if tokenizer not in ("gene", "module", "latent"):
             raise ValueError(f"tokenizer={tokenizer!r}: use 'gene', 'module' or 'latent'")
         if source not in ("control", "noise"):
@@ -128,6 +133,8 @@ class CellDiT(CellSampler):
         use_anchor = anchor and source == "control"
         table, cond_id = build_condition_table(keys, cov_group, lambda idx: expr.all_rows(idx).mean(0),
                                                len(self.genes), anchored=use_anchor)
+        cov_key = cov_frame.agg("\x1f".join, axis=1) if cov_frame.shape[1] else pd.Series("", index=cov_frame.index)
+        self.trained_groups = sorted({f"{c}\x1e{g}" for c, g in zip(cond_id, cov_key)})  # (condition row, covariates)
         ctrl_rows = np.flatnonzero(cond_id == 0)
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.permutation(adata.n_obs)[:20000])
@@ -139,7 +146,7 @@ class CellDiT(CellSampler):
             tokenizer=tokenizer, source=source, anchor=use_anchor, ot=ot, ot_dims=ot_dims,
             center=bool(center and pair_keys), pair_keys=list(pair_keys),
             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            cfg_dropout=float(cfg_dropout), seed=seed)
+            cfg_dropout=float(cfg_dropout), covariate_dropout=float(covariate_dropout), seed=seed)
         tok_kwargs = self._tokenizer_kwargs(tokenizer, adata, x_sample, modules, n_modules, latent_dim, token_dim, seed)
         self.network = self._build_network(tok_kwargs, prior)
         if tokenizer == "latent":
@@ -208,7 +215,7 @@ class CellDiT(CellSampler):
             self.vocab.size, s["hidden_size"], torch.from_numpy(self.vocab.seen_mask),
             torch.from_numpy(feats) if feats.shape[1] else None, torch.from_numpy(has),
             [len(v) for v in self.vocab.covariates.values()], cfg_dropout=s["cfg_dropout"],
-            prior_only_prob=0.3 if has.any() else 0.0)
+            prior_only_prob=0.3 if has.any() else 0.0, covariate_dropout=s.get("covariate_dropout", 0.0))
         s["tokenizer_kwargs"] = tok_kwargs
         s["prior_dim"] = int(feats.shape[1])
         return CellFlowNet(tokenizer, encoder, s["hidden_size"], s["depth"], s["num_heads"], s["mlp_ratio"],
@@ -285,6 +292,7 @@ class CellDiT(CellSampler):
         bank = {"names": list(self.bank_obs.index), "obs": self.bank_obs.to_dict(orient="list")}
         return save_model_folder(path, state, config, extra_json={
             "genes": self.genes, "vocab": self.vocab.to_dict(), "conditions": self.conditions.to_dict(),
+            "trained_groups": self.trained_groups,
             "bank": bank}, overwrite=overwrite)
 
     @classmethod
@@ -307,6 +315,7 @@ class CellDiT(CellSampler):
         self.network.load_state_dict(net_state, strict=True)
         self.network.eval()
         bank = read_extra_json(path, "bank")
+        self.trained_groups = read_extra_json(path, "trained_groups")
         self.bank_x, self.reference = state["bank_x"], state["reference"]
         self.bank_obs = pd.DataFrame(bank["obs"], index=bank["names"], columns=list(self.spec.covariate_keys))
         self.plan, self._train = None, None

@@ -135,11 +135,28 @@ class CellSampler:
         parts, obs = [], []
         for label in labels:
             pert = self._condition(label, dose)
-            parts.append(self._transport(x, pert, cov_idx, steps, method, cfg_scale, batch_size) + offset)
+            codes = self._covariate_codes(label, dose, cov, cov_idx)
+            parts.append(self._transport(x, pert, codes, steps, method, cfg_scale, batch_size) + offset)
             o = self._labels_obs(label, dose, cov, [f"{c}-{label}" for c in controls.obs_names])
             o["celldit_source"] = controls.obs_names.astype(str).to_numpy()
             obs.append(o)
         return self._result(torch.cat(parts), pd.concat(obs))
+
+    def _covariate_codes(self, label: str, dose: Any, cov: pd.DataFrame, cov_idx: np.ndarray) -> np.ndarray:
+        """Covariate codes for condition ``label``: a cell whose covariate group never saw
+        this (trained) condition gets the "unknown" codes, which a model trained with
+        ``covariate_dropout`` learned to use (prediction from the cell's state)."""
+        row = self.conditions.row(parse_condition(str(label), dose, self.spec))
+        if not self.spec.covariate_keys or not self.settings.get("covariate_dropout") or row is None:
+            return cov_idx
+        groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
+        unseen = np.array([f"{row}\x1e{g}" not in self._trained_set for g in groups])
+        unknown = np.array([len(v) for v in self.vocab.covariates.values()], dtype=cov_idx.dtype)
+        return np.where(unseen[:, None], unknown[None, :], cov_idx)
+
+    @property
+    def _trained_set(self) -> set[str]:
+        return set(self.trained_groups)
 
     def _input_centers(self, controls: AnnData, x: torch.Tensor) -> torch.Tensor:
         """(n, G) offset of each input cell: the mean of the input's control cells of its
@@ -190,7 +207,7 @@ class CellSampler:
         pert = self._condition(label, dose)
         gen = torch.Generator().manual_seed(seed)
         cov = pd.DataFrame({k: [str(cond[k])] * n for k in self.spec.covariate_keys}, index=range(n))
-        cov_idx = self.vocab.encode_covariates(cov, n=n)
+        cov_idx = self._covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=n))
         if self.settings["source"] == "noise":
             x0 = self.network.source_noise((n, len(self.genes)), generator=gen)
             x = self._transport(x0, pert, cov_idx, steps, method, cfg_scale, 2048, from_noise=True)
