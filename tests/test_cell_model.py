@@ -362,3 +362,28 @@ def test_norman_unseen_combination_generates_end_to_end():
     assert np.isfinite(after.X).all() and list(after.var_names) == list(adata.var_names)
     assert set(after.obs["condition"]) == {combo}
     assert list(after.obs["celldit_source"]) == list(ctrl.obs_names)
+
+
+def test_untrained_covariate_pairs_use_the_unknown_token():
+    """P is trained only in cell type B: asked in T it gets the unknown covariate code (the
+    row covariate dropout trains), in B its own code; dropout hides codes in training only."""
+    adata = counts_adata()
+    keep = ~((adata.obs["perturbation"] == "P") & (adata.obs["cell_type"] == "T")).to_numpy()
+    model = build(adata[keep].copy(), covariate_keys=["cell_type"], covariate_dropout=0.5)
+    cov = pd.DataFrame({"cell_type": ["B", "T"]})
+    codes = model.vocab.encode_covariates(cov)
+    unknown = len(model.vocab.covariates["cell_type"])
+    assert codes[:, 0].tolist() == [0, 1]
+    assert model._covariate_codes("P", None, cov, codes)[:, 0].tolist() == [0, unknown]
+    assert model._covariate_codes("Q", None, cov, codes)[:, 0].tolist() == [0, 1]  # Q was trained in both
+    enc = model.network.encoder
+    idx = torch.full((4000, 1), 0)
+    cov_idx = torch.zeros((4000, 1), dtype=torch.long)
+    enc.train()
+    hidden_tokens = enc(idx, None, cov_idx)[0][:, 1]
+    frac = (hidden_tokens == enc.covariates[0].weight[unknown]).all(1).float().mean().item()
+    assert 0.45 < frac < 0.55
+    enc.eval()
+    assert (enc(idx, None, cov_idx)[0][:, 1] == enc.covariates[0].weight[0]).all()
+    nodrop = build(adata[keep].copy(), covariate_keys=["cell_type"], covariate_dropout=0.0)
+    assert nodrop._covariate_codes("P", None, cov, codes)[:, 0].tolist() == [0, 1]
