@@ -60,7 +60,7 @@ def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
     t0 = time.perf_counter()
     model = CellDiT(train, **registration, tokenizer=args.tokenizer, source=args.source, anchor=not args.no_anchor,
                     hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
-                    cfg_dropout=args.cfg_dropout, seed=args.seed)
+                    cfg_dropout=args.cfg_dropout, covariate_dropout=args.covariate_dropout, seed=args.seed)
     t1 = time.perf_counter()
     model.fit(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, progress_bar=False, accelerator="cpu")
     t2 = time.perf_counter()
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="control", choices=["control", "noise"])
     parser.add_argument("--no-anchor", action="store_true", help="start the control-source flow at the control cell")
     parser.add_argument("--cfg-dropout", type=float, default=0.2)
+    parser.add_argument("--covariate-dropout", type=float, default=0.2)
     parser.add_argument("--n-controls", type=int, default=0,
                         help="carry only this many test control cells (seeded draw; 0 = all)")
     parser.add_argument("--max-steps", type=int, default=1500)

@@ -96,7 +96,9 @@ class CellDiT(CellSampler):
         the unconditional branch of classifier-free guidance, and a regulariser of the
         control-source flow (measured in docs/cells.md).
     covariate_dropout
-        Probability of hiding a training cell's covariate values (an "unknown" token). A
+        Probability of hiding the covariate values of a training block (an "unknown" token);
+        with anchors, such a block starts from the anchor its covariate group would get had
+        it never been trained with the condition (the mean of the other groups' shifts). A
         perturbation asked in a covariate group where it had no training cells (a held-out
         cell type) is then predicted with the unknown token, from the cell's state.
     seed
@@ -158,7 +160,7 @@ class CellDiT(CellSampler):
 
             k = int(min(ot_dims, x_sample.shape[0] - 1, x_sample.shape[1]))
             ot_basis = PCA(k, random_state=seed).fit(x_sample).components_.T.astype(np.float32)  # (G, k)
-        self._train = dict(expr=expr, cond_id=cond_id, pair_group=pair_group, ot_basis=ot_basis,
+        self._train = dict(expr=expr, cond_id=cond_id, pair_group=pair_group, cov_group=cov_group, ot_basis=ot_basis,
                            cov_idx=self.vocab.encode_covariates(cov_frame))
         self.plan: CellTrainingPlan | None = None
         self.history: dict[str, Any] = {}
@@ -215,7 +217,7 @@ class CellDiT(CellSampler):
             self.vocab.size, s["hidden_size"], torch.from_numpy(self.vocab.seen_mask),
             torch.from_numpy(feats) if feats.shape[1] else None, torch.from_numpy(has),
             [len(v) for v in self.vocab.covariates.values()], cfg_dropout=s["cfg_dropout"],
-            prior_only_prob=0.3 if has.any() else 0.0, covariate_dropout=s.get("covariate_dropout", 0.0))
+            prior_only_prob=0.3 if has.any() else 0.0)  # covariates are hidden per block by PairedBatches
         s["tokenizer_kwargs"] = tok_kwargs
         s["prior_dim"] = int(feats.shape[1])
         return CellFlowNet(tokenizer, encoder, s["hidden_size"], s["depth"], s["num_heads"], s["mlp_ratio"],
@@ -253,14 +255,7 @@ class CellDiT(CellSampler):
             Seed of batch draws and training noise (default: the model's seed).
         """
         seed = self.settings["seed"] if seed is None else seed
-        d = self._train
-        data = PairedBatches(d["expr"], d["cond_id"], d["pair_group"], np.arange(d["expr"].n_obs), 0,
-                             *self.vocab.encode_conditions([k[0] for k in self.conditions.keys],
-                                                           [k[1] for k in self.conditions.keys]),
-                             d["cov_idx"], anchors=self.conditions.anchors if self.settings["anchor"] else None,
-                             include_control=self.settings["source"] == "noise", batch_size=batch_size,
-                             block_size=block_size, ot=self.settings["ot"], steps=max_steps, seed=seed,
-                             ot_basis=d["ot_basis"])
+        data = self._batches(max_steps, batch_size, block_size, seed)
         self.network.train()
         self.plan = CellTrainingPlan(self.network, source=self.settings["source"], flow=RectifiedFlow(), lr=lr,
                                      weight_decay=weight_decay, warmup_steps=warmup_steps, lr_schedule="cosine",
@@ -276,6 +271,19 @@ class CellDiT(CellSampler):
         self.history = {"steps": max_steps, "final_loss": history.smoothed(50), "losses": history.losses}
         self.is_trained = True
         return self
+
+    def _batches(self, steps: int, batch_size: int, block_size: int, seed: int) -> PairedBatches:
+        """The training pairs (see :class:`~celldit.data.anndata.PairedBatches`)."""
+        d, s = self._train, self.settings
+        keys = self.conditions.keys
+        return PairedBatches(
+            d["expr"], d["cond_id"], d["pair_group"], np.arange(d["expr"].n_obs), 0,
+            *self.vocab.encode_conditions([k[0] for k in keys], [k[1] for k in keys]), d["cov_idx"],
+            anchors=self.conditions.anchors if s["anchor"] else None, include_control=s["source"] == "noise",
+            batch_size=batch_size, block_size=block_size, ot=s["ot"], steps=steps, seed=seed, ot_basis=d["ot_basis"],
+            covariate_dropout=s["covariate_dropout"], cov_group=d["cov_group"],
+            unknown_cov=np.array([len(v) for v in self.vocab.covariates.values()], dtype=np.int64),
+            held_out_anchor=self.conditions.held_out_anchor)
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

@@ -230,6 +230,41 @@ def test_pairs_are_controls_of_the_target_group_in_single_condition_blocks():
         assert seen_conds == {1, 2, 3}
 
 
+def test_hidden_covariate_blocks_get_the_unknown_code_and_the_held_out_anchor():
+    """A block whose covariates are hidden starts from the anchor its group would get had it
+    never been trained with the condition (the other groups' mean shift); the rest are as before."""
+    expr, x, cond, group = paired_data()
+    # per-group shifts: A in groups 0 and 1, B in groups 0 and 1, A+B in group 2 only
+    shifts = {(1, 0): 1.0, (1, 1): 3.0, (2, 0): -2.0, (2, 1): 4.0, (3, 2): 7.0}
+    genes = np.array([0, 0, 1, 1, 1, 1], np.float32)  # columns 0-1 carry ids: no shift there
+    table = ConditionTable([condition_key(n) for n in ([], ["A"], ["B"], ["A", "B"])], np.zeros((4, 6), np.float32),
+                           {k: v * genes for k, v in shifts.items()})
+    anchors = np.array([[0.0], [2.0], [1.0], [7.0]], np.float32) * genes
+    unknown = np.array([3])
+    kw = {"anchors": anchors, "unknown_cov": unknown, "cov_group": group, "held_out_anchor": table.held_out_anchor}
+    np.testing.assert_array_equal(table.held_out_anchor(1, 0), 3.0 * genes)
+    assert table.held_out_anchor(3, 2) is None  # trained in one group only
+    hidden = shown = 0
+    for b in make_batches(expr, cond, group, covariate_dropout=0.5, steps=40, **kw):
+        x1, src, cov = b["x1"].numpy(), b["source"].numpy(), b["cov_idx"].numpy()[:, 0]
+        t_id, s_id = x1[:, 0].astype(int), src[:, 0].astype(int)
+        for blk in range(4):
+            sl = slice(16 * blk, 16 * blk + 16)
+            c, g = cond[t_id[sl]][0], group[t_id[sl]][0]
+            if (cov[sl] == 3).all():
+                hidden += 1
+                other = table.held_out_anchor(c, g)
+                want = anchors[c] if other is None else other
+            else:
+                shown += 1
+                np.testing.assert_array_equal(cov[sl], g)
+                want = anchors[c]
+            np.testing.assert_allclose(src[sl, 2:], x[s_id[sl], 2:] + want[2:], atol=1e-6)
+    assert 0.35 < hidden / (hidden + shown) < 0.65
+    for b in make_batches(expr, cond, group, covariate_dropout=0.0, **kw):  # off: every code shown
+        np.testing.assert_array_equal(b["cov_idx"].numpy()[:, 0], group[b["x1"].numpy()[:, 0].astype(int)])
+
+
 def block_cost(x1: np.ndarray, x0: np.ndarray) -> float:
     return float(((x1 - x0) ** 2).sum())
 
@@ -393,6 +428,10 @@ def test_condition_table_anchors_are_mean_shifts_averaged_over_groups():
     back = ConditionTable.from_dict(json.loads(json.dumps(table.to_dict())), table.anchors)
     assert back.keys == table.keys
     np.testing.assert_array_equal(back.anchor(condition_key(["A", "B"])), table.anchor(condition_key(["A", "B"])))
+    # a group never trained with A would get the other groups' shift
+    np.testing.assert_allclose(table.held_out_anchor(1, 0), [1.0, 4.0])
+    np.testing.assert_allclose(table.held_out_anchor(1, 1), [4.0, 2.0])
+    assert table.held_out_anchor(2, 1) is None  # B: trained in group 1 only
     flat, _ = build_condition_table(keys, groups, lambda idx: x[idx].mean(0), 2, anchored=False)
     np.testing.assert_array_equal(flat.anchors, np.zeros((3, 2)))
 

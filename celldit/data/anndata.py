@@ -197,13 +197,21 @@ class PairedBatches(IterableDataset):
         Batches per epoch.
     seed
         Seed of the draws (re-seeded per epoch).
+    covariate_dropout, unknown_cov, cov_group, held_out_anchor
+        Hide the covariates of a block with probability ``covariate_dropout``: its cells
+        get the ``unknown_cov`` codes (C,) and, where ``held_out_anchor(cond, group)``
+        (``group`` from the (n_cells,) covariate-group codes ``cov_group``) gives one, the
+        anchor a covariate group never trained with the condition would get. Training then
+        poses the question asked of a held-out cell type.
     """
 
     def __init__(self, expr: ExpressionRows | CenteredRows, cond_id: np.ndarray, group_id: np.ndarray, cells: np.ndarray,
                  control_cond: int, pert_idx: np.ndarray, pert_scale: np.ndarray, cov_idx: np.ndarray,
                  anchors: np.ndarray | None = None, include_control: bool = False, batch_size: int = 256,
                  block_size: int = 64, ot: bool = True, steps: int = 100, seed: int = 0,
-                 ot_basis: np.ndarray | None = None):
+                 ot_basis: np.ndarray | None = None, covariate_dropout: float = 0.0,
+                 unknown_cov: np.ndarray | None = None, cov_group: np.ndarray | None = None,
+                 held_out_anchor=None):
         super().__init__()
         self.expr, self.cov_idx = expr, cov_idx
         self.pert_idx, self.pert_scale, self.anchors = pert_idx, pert_scale, anchors
@@ -226,6 +234,14 @@ class PairedBatches(IterableDataset):
             raise ValueError("no training pairs: no target cell shares a pairing group with control cells")
         sizes = np.array([len(v) for _, v in self.strata], dtype=np.float64)
         self.weights = sizes / sizes.sum()
+        self.covariate_dropout = covariate_dropout if unknown_cov is not None and cov_idx.shape[1] else 0.0
+        self.unknown_cov = unknown_cov
+        self.hidden_anchor: dict[int, np.ndarray] = {}  # stratum -> anchor with its covariates hidden
+        if self.covariate_dropout and anchors is not None and held_out_anchor is not None:
+            for i, ((cond, _), members) in enumerate(self.strata):
+                a = held_out_anchor(cond, int(cov_group[members[0]]))
+                if a is not None:
+                    self.hidden_anchor[i] = a
 
     def __len__(self) -> int:
         return self.steps
@@ -238,20 +254,31 @@ class PairedBatches(IterableDataset):
 
     def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """One batch: ``x1`` targets, ``source`` (control cells, plus anchor), conditioning."""
-        tgt, src, conds = [], [], []
+        tgt, src, conds, hidden = [], [], [], []
         n = 0
         while n < self.batch_size:
-            (cond, group), members = self.strata[rng.choice(len(self.strata), p=self.weights)]
+            stratum = rng.choice(len(self.strata), p=self.weights)
+            (cond, group), members = self.strata[stratum]
             b = min(self.block_size, self.batch_size - n, len(members))
             t_idx = rng.choice(members, b, replace=False)
             pool = self.controls[group]
             s_idx = rng.choice(pool, b, replace=len(pool) < b)
             tgt.append(t_idx), src.append(s_idx), conds.append(np.full(b, cond))
+            hidden.append(stratum if self.covariate_dropout and rng.random() < self.covariate_dropout else -1)
             n += b
         t_idx, s_idx, cond = np.concatenate(tgt), np.concatenate(src), np.concatenate(conds)
         x1, x0 = self.expr.rows(t_idx), self.expr.rows(s_idx)
+        cov_idx = self.cov_idx[t_idx].copy()
         if self.anchors is not None:
             x0 = x0 + self.anchors[cond]
+        start = 0
+        for block, stratum in zip(tgt, hidden):
+            sl = slice(start, start + len(block))
+            start += len(block)
+            if stratum >= 0:
+                cov_idx[sl] = self.unknown_cov
+                if stratum in self.hidden_anchor:
+                    x0[sl] += self.hidden_anchor[stratum] - self.anchors[cond[sl.start]]
         if self.ot:
             p1, p0 = (x1, x0) if self.ot_basis is None else (x1 @ self.ot_basis, x0 @ self.ot_basis)
             start = 0
@@ -266,7 +293,7 @@ class PairedBatches(IterableDataset):
             "source": torch.from_numpy(x0),
             "pert_idx": torch.from_numpy(self.pert_idx[cond]),
             "pert_scale": torch.from_numpy(self.pert_scale[cond]),
-            "cov_idx": torch.from_numpy(self.cov_idx[t_idx]),
+            "cov_idx": torch.from_numpy(cov_idx),
         }
 
 

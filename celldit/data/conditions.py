@@ -12,7 +12,7 @@ spread, effects that depend on the cell's state.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -38,13 +38,29 @@ def cell_conditions(obs: pd.DataFrame, spec: PerturbationSpec) -> list[Condition
 
 @dataclass
 class ConditionTable:
-    """The training conditions (row 0 is control) and their anchors (n_conditions, G)."""
+    """The training conditions (row 0 is control) and their anchors (n_conditions, G).
+
+    ``group_shifts`` holds the per-group shifts behind the anchors, ``{(row, group): (G,)}``:
+    a training-time quantity (not saved) from which :meth:`held_out_anchor` is taken.
+    """
 
     keys: list[ConditionKey]
     anchors: np.ndarray
+    group_shifts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._row = {k: i for i, k in enumerate(self.keys)}
+
+    def held_out_anchor(self, row: int, group: int) -> np.ndarray | None:
+        """Anchor of condition ``row`` as a covariate group never trained with it would
+        get it: the mean of its *other* groups' shifts (None when it has no other group).
+
+        Training cells whose covariates are hidden start from this anchor, so that the
+        network learns to correct a held-out group's mean-shift error from the cell's
+        state, as it must at prediction time.
+        """
+        others = [s for (r, g), s in self.group_shifts.items() if r == row and g != group]
+        return np.mean(others, axis=0).astype(self.anchors.dtype) if others else None
 
     def row(self, key: ConditionKey) -> int | None:
         return self._row.get(key)
@@ -99,12 +115,15 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, x_me
     table_rows = {k: i for i, k in enumerate(uniq)}
     cond_id = np.array([table_rows[k] for k in keys], dtype=np.int64)
     anchors = np.zeros((len(uniq), n_genes), dtype=np.float32)
+    shifts: dict[tuple[int, int], np.ndarray] = {}
     if anchored:
-        ctrl_means = {g: x_mean_fn(np.flatnonzero((cond_id == 0) & (groups == g))) for g in np.unique(groups)
-                      if ((cond_id == 0) & (groups == g)).any()}
+        ctrl_means = {int(g): x_mean_fn(idx) for g in np.unique(groups)
+                      if (idx := np.flatnonzero((cond_id == 0) & (groups == g))).size}
         for row in range(1, len(uniq)):
-            shifts = [x_mean_fn(idx) - ctrl_means[g] for g in np.unique(groups[cond_id == row])
-                      if g in ctrl_means and (idx := np.flatnonzero((cond_id == row) & (groups == g))).size]
-            if shifts:
-                anchors[row] = np.mean(shifts, axis=0)
-    return ConditionTable(uniq, anchors), cond_id
+            for g in map(int, np.unique(groups[cond_id == row])):
+                if g in ctrl_means:
+                    shifts[(row, g)] = x_mean_fn(np.flatnonzero((cond_id == row) & (groups == g))) - ctrl_means[g]
+            mine = [s for (r, _), s in shifts.items() if r == row]
+            if mine:
+                anchors[row] = np.mean(mine, axis=0)
+    return ConditionTable(uniq, anchors, shifts), cond_id

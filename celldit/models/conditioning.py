@@ -39,20 +39,20 @@ class PerturbationEncoder(nn.Module):
     prior_only_prob
         Probability, in training, of hiding a seen perturbation's learned embedding so that
         the prior projection learns to stand in for it (unseen perturbations rely on it).
-    covariate_dropout
-        Probability, in training, of replacing a covariate value by its "unknown" row, so
-        that the model can predict a (perturbation, covariate) pair it never saw from the
-        cell's state rather than from an untrained embedding.
+
+    Each covariate key has an extra last row, "unknown": the data hide covariates with it
+    (see ``covariate_dropout`` of :class:`~celldit.data.anndata.PairedBatches`), so that a
+    (perturbation, covariate) pair never trained is predicted from the cell's state rather
+    than from an untrained embedding.
     """
 
     def __init__(self, num_perturbations: int, dim: int, seen: torch.Tensor | None = None,
                  prior: torch.Tensor | None = None, has_prior: torch.Tensor | None = None,
                  covariate_levels: list[int] | tuple[int, ...] = (), cfg_dropout: float = 0.0,
-                 prior_only_prob: float = 0.0, covariate_dropout: float = 0.0):
+                 prior_only_prob: float = 0.0):
         super().__init__()
         V = num_perturbations
         self.dim, self.cfg_dropout, self.prior_only_prob = dim, cfg_dropout, prior_only_prob
-        self.covariate_dropout = covariate_dropout
         self.embedding = nn.Embedding(max(V, 1), dim)
         self.register_buffer("seen", torch.ones(V, dtype=torch.bool) if seen is None else seen.bool().clone())
         F = 0 if prior is None else prior.shape[1]
@@ -76,7 +76,7 @@ class PerturbationEncoder(nn.Module):
         return {"num_perturbations": self.seen.shape[0], "dim": self.dim,
                 "covariate_levels": [e.num_embeddings - 1 for e in self.covariates],
                 "prior_dim": self.prior.shape[1], "cfg_dropout": self.cfg_dropout,
-                "prior_only_prob": self.prior_only_prob, "covariate_dropout": self.covariate_dropout}
+                "prior_only_prob": self.prior_only_prob}
 
     def perturbation_tokens(self, pert_idx: torch.Tensor) -> torch.Tensor:
         """(B, K) rows (-1 = empty) -> (B, K, Dc) embeddings (zeros in empty slots)."""
@@ -130,10 +130,6 @@ class PerturbationEncoder(nn.Module):
         tokens = tokens * ~(drop[:, None, None] & ~slot0)
         mask = torch.where(drop[:, None], slot0[..., 0], mask)
         if self.covariates:
-            if self.training and self.covariate_dropout > 0:
-                unknown = torch.tensor([e.num_embeddings - 1 for e in self.covariates], device=cov_idx.device)
-                hide = torch.rand(cov_idx.shape, device=cov_idx.device) < self.covariate_dropout
-                cov_idx = torch.where(hide, unknown, cov_idx)
             cov = torch.stack([emb(cov_idx[:, i]) for i, emb in enumerate(self.covariates)], dim=1)  # (B, C, Dc)
             tokens = torch.cat([tokens, cov.to(tokens.dtype)], dim=1)
             mask = torch.cat([mask, torch.ones(B, cov.shape[1], dtype=torch.bool, device=mask.device)], dim=1)
