@@ -102,7 +102,7 @@ def kang(data: Path, args) -> dict:
     raw = ad.read_h5ad(data / KANG)
     spec = PerturbationSpec("group_id", control="ctrl", covariate_keys=("cluster_id",))
     out = {}
-    for cell_type in sorted(raw.obs["cluster_id"].astype(str).unique()):
+    for cell_type in args.cell_types or sorted(raw.obs["cluster_id"].astype(str).unique()):
         masks = HeldOutCovariateGroup(spec, key="cluster_id", values=[cell_type]).masks(raw)
         train, test = raw[masks.train].copy(), raw[masks.test].copy()
         model, timing = _train(train, args, perturbation_key="group_id", control="ctrl", covariate_keys=["cluster_id"])
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="control", choices=["control", "noise"])
     parser.add_argument("--no-anchor", action="store_true", help="start the control-source flow at the control cell")
     parser.add_argument("--cfg-dropout", type=float, default=0.2)
+    parser.add_argument("--cell-types", nargs="+", default=None, help="kang: hold out only these cell types")
     parser.add_argument("--covariate-dropout", type=float, default=0.2)
     parser.add_argument("--n-controls", type=int, default=0,
                         help="carry only this many test control cells (seeded draw; 0 = all)")

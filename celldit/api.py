@@ -292,6 +292,7 @@ class CellDiT(CellSampler):
         ``conditions.json``, ``bank.json``. Atomic; never overwrites unless asked."""
         state = {f"network.{k}": v for k, v in self.network.state_dict().items()}
         state["anchors"] = torch.from_numpy(self.conditions.anchors)
+        state.update({f"groups.{k}": torch.from_numpy(v) for k, v in self.conditions.group_tensors().items()})
         state["bank_x"] = self.bank_x
         state["reference"] = self.reference
         config = {"format_version": FORMAT_VERSION, "kind": "CellDiT", "spec": self.spec.to_dict(),
@@ -315,7 +316,8 @@ class CellDiT(CellSampler):
         self.is_trained, self.history = config["is_trained"], config.get("history", {})
         self.genes = read_extra_json(path, "genes")
         self.vocab = PerturbationVocab.from_dict(read_extra_json(path, "vocab"))
-        self.conditions = ConditionTable.from_dict(read_extra_json(path, "conditions"), state["anchors"].numpy())
+        groups = {k[len("groups."):]: v.numpy() for k, v in state.items() if k.startswith("groups.")}
+        self.conditions = ConditionTable.from_dict(read_extra_json(path, "conditions"), state["anchors"].numpy(), groups)
         prior_dim = self.settings["prior_dim"]
         fake_prior = pd.DataFrame(np.zeros((0, prior_dim), np.float32)) if prior_dim else None
         self.network = self._build_network(self.settings["tokenizer_kwargs"], fake_prior)

@@ -29,13 +29,27 @@ class CellSampler:
     """Mixin of :class:`~celldit.api.CellDiT` holding the sampling methods."""
 
     # ------------------------------------------------------------------ conditions
-    def _condition(self, label: str, dose: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Label (+ dose) -> (pert_idx (1, K), pert_scale (1, K), anchor (G,))."""
+    def _condition(self, label: str, dose: Any, x: torch.Tensor, cov: pd.DataFrame
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Label (+ dose) for sources ``x`` (n, G) with covariates ``cov`` ->
+        (pert_idx (1, K), pert_scale (1, K), anchors (n, G)).
+
+        A source whose covariate group never trained this condition gets the group-weighted
+        anchor of its group (see :class:`~celldit.data.conditions.ConditionTable`), its
+        group's mean being the mean of those sources."""
         key = parse_condition(str(label), dose, self.spec)
         pert_idx, pert_scale = self.vocab.encode_conditions([key[0]], [key[1]])
-        anchor = self.conditions.anchor(key) if self.settings["anchor"] else \
-            np.zeros(len(self.genes), np.float32)
-        return pert_idx, pert_scale, anchor
+        n = x.shape[0]
+        if not self.settings["anchor"]:
+            return pert_idx, pert_scale, np.zeros((n, len(self.genes)), np.float32)
+        anchors = np.repeat(self.conditions.anchor(key)[None], n, axis=0)
+        unseen = self._unseen_groups(label, dose, cov)
+        if unseen.any():
+            groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
+            for g in np.unique(groups[unseen]):
+                rows = np.flatnonzero(groups == g)
+                anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy())
+        return pert_idx, pert_scale, anchors
 
     def _transport(self, x: torch.Tensor, pert: tuple[np.ndarray, np.ndarray, np.ndarray], cov_idx: np.ndarray,
                    steps: int | None, method: str | None, cfg_scale: float, batch_size: int,
@@ -62,7 +76,7 @@ class CellSampler:
                 v = velocity_fn(net, flow, cond, uncond, cfg_scale=cfg_scale)
                 x0 = x[sl]
                 if source == "control":
-                    x0 = x0 + torch.from_numpy(pert[2])
+                    x0 = x0 + torch.from_numpy(pert[2][sl])
                 elif not from_noise:  # invert the control cell under the control condition
                     ctrl = self.vocab.encode_conditions([frozenset()])
                     v_ctrl = velocity_fn(net, flow, cond_of(*ctrl))
@@ -134,7 +148,7 @@ class CellSampler:
         torch.manual_seed(seed)
         parts, obs = [], []
         for label in labels:
-            pert = self._condition(label, dose)
+            pert = self._condition(label, dose, x, cov)
             codes = self._covariate_codes(label, dose, cov, cov_idx)
             parts.append(self._transport(x, pert, codes, steps, method, cfg_scale, batch_size) + offset)
             o = self._labels_obs(label, dose, cov, [f"{c}-{label}" for c in controls.obs_names])
@@ -146,13 +160,18 @@ class CellSampler:
         """Covariate codes for condition ``label``: a cell whose covariate group never saw
         this (trained) condition gets the "unknown" codes, which a model trained with
         ``covariate_dropout`` learned to use (prediction from the cell's state)."""
-        row = self.conditions.row(parse_condition(str(label), dose, self.spec))
-        if not self.spec.covariate_keys or not self.settings.get("covariate_dropout") or row is None:
+        if not self.settings.get("covariate_dropout"):
             return cov_idx
-        groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
-        unseen = np.array([f"{row}\x1e{g}" not in self._trained_set for g in groups])
         unknown = np.array([len(v) for v in self.vocab.covariates.values()], dtype=cov_idx.dtype)
-        return np.where(unseen[:, None], unknown[None, :], cov_idx)
+        return np.where(self._unseen_groups(label, dose, cov)[:, None], unknown[None, :], cov_idx)
+
+    def _unseen_groups(self, label: str, dose: Any, cov: pd.DataFrame) -> np.ndarray:
+        """(n,) bool: the cell's covariate group never trained the (trained) condition ``label``."""
+        row = self.conditions.row(parse_condition(str(label), dose, self.spec))
+        if not self.spec.covariate_keys or row is None:
+            return np.zeros(len(cov), dtype=bool)
+        groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
+        return np.array([f"{row}\x1e{g}" not in self._trained_set for g in groups], dtype=bool)
 
     @property
     def _trained_set(self) -> set[str]:
@@ -204,12 +223,12 @@ class CellSampler:
         if missing:
             raise KeyError(f"condition needs a value for the covariate(s) {missing} registered with the model")
         label, dose = cond[self.spec.perturbation_key], cond.get(self.spec.dose_key) if self.spec.dose_key else None
-        pert = self._condition(label, dose)
         gen = torch.Generator().manual_seed(seed)
         cov = pd.DataFrame({k: [str(cond[k])] * n for k in self.spec.covariate_keys}, index=range(n))
         cov_idx = self._covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=n))
         if self.settings["source"] == "noise":
             x0 = self.network.source_noise((n, len(self.genes)), generator=gen)
+            pert = self._condition(label, dose, x0, cov)
             x = self._transport(x0, pert, cov_idx, steps, method, cfg_scale, 2048, from_noise=True)
         else:
             match = np.ones(len(self.bank_obs), dtype=bool)
@@ -220,7 +239,8 @@ class CellSampler:
                                  " to start from; use counterfactual() with control cells of that group")
             pool = np.flatnonzero(match)
             pick = pool[torch.randint(len(pool), (n,), generator=gen).numpy()]
-            x = self._transport(self.bank_x[pick], pert, cov_idx, steps, method, cfg_scale, 2048)
+            x0 = self.bank_x[pick]
+            x = self._transport(x0, self._condition(label, dose, x0, cov), cov_idx, steps, method, cfg_scale, 2048)
         if self.settings.get("center"):  # the model's cells are relative to their batch's controls
             x = x + self.reference
         return self._result(x, self._labels_obs(label, dose, cov, [f"celldit-{i}" for i in range(n)]))

@@ -41,12 +41,13 @@ __all__ = [
 OPTIONS: dict[str, Any] = {
     "data": None, "out": None, "perturbation_key": None, "control": None, "covariate_keys": [],
     "pair_keys": [], "dose_key": None, "delimiter": "+", "holdout": [], "tokenizer": "module",
-    "source": "control", "genes": "all", "n_top_genes": 2000, "max_steps": 2000, "batch_size": 256,
-    "lr": 3e-4, "hidden_size": 128, "depth": 4, "seed": 0, "backed": False, "threads": None,
+    "source": "control", "genes": "all", "n_top_genes": 2000, "max_steps": 1500, "batch_size": 256,
+    "lr": 3e-4, "hidden_size": 64, "depth": 2, "cfg_dropout": 0.2, "covariate_dropout": 0.2, "seed": 0,
+    "backed": False, "threads": None,
 }
 #: options passed to the :class:`~celldit.api.CellDiT` constructor, and to ``fit``
 MODEL_OPTIONS = ("covariate_keys", "pair_keys", "dose_key", "delimiter", "tokenizer", "source", "genes",
-                 "n_top_genes", "hidden_size", "depth", "seed")
+                 "n_top_genes", "hidden_size", "depth", "cfg_dropout", "covariate_dropout", "seed")
 FIT_OPTIONS = ("max_steps", "batch_size", "lr")
 
 
@@ -82,6 +83,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4)")
     p.add_argument("--hidden-size", type=int, default=None, help="transformer width (default 64)")
     p.add_argument("--depth", type=int, default=None, help="transformer blocks (default 2)")
+    p.add_argument("--cfg-dropout", type=float, default=None,
+                   help="probability of hiding a training cell's perturbation tokens (default 0.2)")
+    p.add_argument("--covariate-dropout", type=float, default=None,
+                   help="probability of hiding a training block's covariates, so that a cell type never "
+                        "trained with a perturbation is predicted from the cell's state (default 0.2)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--backed", action="store_true", default=None,
                    help="open DATA on disk (anndata backed='r') instead of loading it")
