@@ -436,6 +436,31 @@ def test_condition_table_anchors_are_mean_shifts_averaged_over_groups():
     np.testing.assert_array_equal(flat.anchors, np.zeros((3, 2)))
 
 
+def test_group_weighted_anchor_by_hand_and_saved():
+    """Group shifts averaged with weights exp(-|c - c_g|^2 / h), h the median squared
+    distance between the groups' mean control cells."""
+    ctrl, a, b = condition_key([]), condition_key(["A"]), condition_key(["B"])
+    controls = {0: np.array([0.0, 0.0]), 1: np.array([1.0, 0.0]), 2: np.array([10.0, 0.0])}
+    shifts = {(1, 0): np.array([1.0, 0.0]), (1, 1): np.array([3.0, 0.0]), (1, 2): np.array([0.0, 9.0])}
+    table = ConditionTable([ctrl, a, b], np.array([[0, 0], [4 / 3, 3], [5, 5]], np.float32), shifts, controls)
+    assert table.bandwidth == 81.0  # median of 1, 100, 81
+    c = np.array([0.5, 0.0])  # a new group's cells, between groups 0 and 1, far from 2
+    w = np.exp(-np.array([0.25, 0.25, 90.25]) / 81.0)
+    want = (w[0] * shifts[(1, 0)] + w[1] * shifts[(1, 1)] + w[2] * shifts[(1, 2)]) / w.sum()
+    np.testing.assert_allclose(table.anchor(a, c), want, rtol=1e-6)
+    np.testing.assert_allclose(table.anchor(a), [4 / 3, 3])  # without cells: the plain anchor
+    np.testing.assert_allclose(table.anchor(b, c), [5, 5])  # B: one group, its anchor
+    # group 0 held out: groups 1 and 2 weighted by their distance to group 0's controls
+    w0 = np.exp(-np.array([1.0, 100.0]) / 81.0)
+    np.testing.assert_allclose(table.held_out_anchor(1, 0), (w0[0] * shifts[(1, 1)] + w0[1] * shifts[(1, 2)]) / w0.sum(),
+                               rtol=1e-6)
+    assert table.held_out_anchor(2, 0) is None
+    back = ConditionTable.from_dict(table.to_dict(), table.anchors, table.group_tensors())
+    assert back.bandwidth == table.bandwidth
+    np.testing.assert_allclose(back.anchor(a, c), table.anchor(a, c))
+    np.testing.assert_allclose(back.held_out_anchor(1, 0), table.held_out_anchor(1, 0))
+
+
 def test_norman_toy_gears_labels():
     adata = ad.read_h5ad(shared_data("norman2019_toy_combos.h5ad"), backed="r")
     spec = PerturbationSpec("condition", control="ctrl")

@@ -381,3 +381,38 @@ def test_untrained_covariate_pairs_use_the_unknown_token():
     assert 0.35 < (codes_seen == unknown).mean() < 0.65 and set(codes_seen) == {0, 1, unknown}
     nodrop = build(adata[keep].copy(), covariate_keys=["cell_type"], covariate_dropout=0.0)
     assert nodrop._covariate_codes("P", None, cov, codes)[:, 0].tolist() == [0, 1]
+
+
+def test_held_out_cell_type_borrows_from_types_alike_at_baseline(tmp_path):
+    """P raises genes 0-3 in three alike cell types (A1-A3) and genes 4-7 in a far type B.
+    Held out in A3, the untrained model starts A3 controls from the group-weighted anchor:
+    mostly the A types' shift (the plain mean-shift would give +1.5 on genes 0-3 and +0.5 on
+    4-7); the saved model does the same."""
+    rng = np.random.default_rng(0)
+    base = {"A1": 2.0, "A2": 2.1, "A3": 1.9, "B": 6.0}
+    x, obs = [], []
+    for t, level in base.items():
+        for lab in ("control", "P"):
+            if t == "A3" and lab == "P":
+                continue
+            cells = level + 0.1 * rng.standard_normal((60, 12))
+            if lab == "P":
+                cells[:, :4 if t != "B" else 8] += 2.0 if t != "B" else 0.0
+                if t == "B":
+                    cells[:, 4:8] += 2.0
+            x.append(cells)
+            obs += [(lab, t)] * 60
+    adata = AnnData(np.concatenate(x).astype(np.float32),
+                    obs=pd.DataFrame(obs, columns=["perturbation", "cell_type"], index=[f"c{i}" for i in range(len(obs))]))
+    model = build(adata, covariate_keys=["cell_type"], genes="all")
+    a3 = adata[(adata.obs["cell_type"] == "A3").to_numpy() & (adata.obs["perturbation"] == "control").to_numpy()]
+    shift = counterfactual(model, a3, "P").X.mean(0) - a3.X.mean(0)
+    assert shift[:4].min() > 1.7 and np.abs(shift[4:8]).max() < 0.3, shift
+    np.testing.assert_allclose(shift[8:], 0.0, atol=0.05)
+    # a type trained with P keeps its own-covariate (plain) anchor
+    a1 = adata[(adata.obs["cell_type"] == "A1").to_numpy() & (adata.obs["perturbation"] == "control").to_numpy()]
+    plain = np.broadcast_to(model.conditions.anchors[1], a1.shape)  # +1.33 on genes 0-3, +0.67 on 4-7
+    np.testing.assert_allclose(counterfactual(model, a1, "P").X - a1.X, plain, atol=1e-5)
+    model.save(tmp_path / "m")
+    again = CellDiT.load(tmp_path / "m")
+    np.testing.assert_allclose(counterfactual(again, a3, "P").X, counterfactual(model, a3, "P").X, atol=1e-6)
