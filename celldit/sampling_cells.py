@@ -51,13 +51,16 @@ class CellSampler:
                 anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy())
         return pert_idx, pert_scale, anchors
 
+    def _solver(self, steps: int | None, method: str | None) -> tuple[str, int]:
+        m, s = DEFAULT_SOLVER[self.settings["source"]]
+        return method or m, steps or s
+
     def _transport(self, x: torch.Tensor, pert: tuple[np.ndarray, np.ndarray, np.ndarray], cov_idx: np.ndarray,
                    steps: int | None, method: str | None, cfg_scale: float, batch_size: int,
-                   from_noise: bool = False) -> torch.Tensor:
-        """Carry sources ``x`` (control cells, or noise when ``from_noise``) to condition ``pert``."""
-        source = self.settings["source"]
-        m, s = DEFAULT_SOLVER[source]
-        method, steps = method or m, steps or s
+                   reverse: bool = False) -> torch.Tensor:
+        """Integrate sources ``x`` (control cells for a control source, else noise) from
+        t = 0 to 1 under condition ``pert``; ``reverse``: from t = 1 back to 0 (inversion)."""
+        method, steps = self._solver(steps, method)
         net, flow = self.network.eval(), RectifiedFlow()
         n = x.shape[0]
         out = []
@@ -67,22 +70,25 @@ class CellSampler:
                 b = sl.stop - sl.start
                 cov = torch.from_numpy(cov_idx[sl])
 
-                def cond_of(p_idx, p_scale, drop=False):
-                    return {"pert_idx": torch.from_numpy(p_idx).expand(b, -1), "pert_scale":
-                            torch.from_numpy(p_scale).expand(b, -1), "cov_idx": cov,
+                def cond_of(drop=False):
+                    return {"pert_idx": torch.from_numpy(pert[0]).expand(b, -1), "pert_scale":
+                            torch.from_numpy(pert[1]).expand(b, -1), "cov_idx": cov,
                             "drop": torch.full((b,), drop, dtype=torch.bool)}
 
-                cond, uncond = cond_of(*pert[:2]), cond_of(*pert[:2], drop=True)
-                v = velocity_fn(net, flow, cond, uncond, cfg_scale=cfg_scale)
+                v = velocity_fn(net, flow, cond_of(), cond_of(drop=True), cfg_scale=cfg_scale)
                 x0 = x[sl]
-                if source == "control":
+                if self.settings["source"] == "control":
                     x0 = x0 + torch.from_numpy(pert[2][sl])
-                elif not from_noise:  # invert the control cell under the control condition
-                    ctrl = self.vocab.encode_conditions([frozenset()])
-                    v_ctrl = velocity_fn(net, flow, cond_of(*ctrl))
-                    x0 = integrate(v_ctrl, x0, 1.0, 0.0, steps=steps, method=method)
-                out.append(integrate(v, x0, 0.0, 1.0, steps=steps, method=method))
+                out.append(integrate(v, x0, 1.0, 0.0, steps=steps, method=method) if reverse
+                           else integrate(v, x0, 0.0, 1.0, steps=steps, method=method))
         return torch.cat(out) if out else x.new_zeros((0, x.shape[1]))
+
+    def _invert(self, x: torch.Tensor, cov_idx: np.ndarray, steps: int | None, method: str | None,
+                batch_size: int) -> torch.Tensor:
+        """Noise source: carry cells back to their noise under the control condition."""
+        ctrl = self.vocab.encode_conditions([frozenset()])
+        zero = np.zeros((x.shape[0], x.shape[1]), np.float32)
+        return self._transport(x, (*ctrl, zero), cov_idx, steps, method, 1.0, batch_size, reverse=True)
 
     # ------------------------------------------------------------------ results
     def _result(self, x: torch.Tensor, obs: pd.DataFrame) -> AnnData:
@@ -146,11 +152,13 @@ class CellSampler:
         cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
         cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
         torch.manual_seed(seed)
+        # noise source: invert once under the control condition, then generate under each label
+        source = x if self.settings["source"] == "control" else self._invert(x, cov_idx, steps, method, batch_size)
         parts, obs = [], []
         for label in labels:
             pert = self._condition(label, dose, x, cov)
             codes = self._covariate_codes(label, dose, cov, cov_idx)
-            parts.append(self._transport(x, pert, codes, steps, method, cfg_scale, batch_size) + offset)
+            parts.append(self._transport(source, pert, codes, steps, method, cfg_scale, batch_size) + offset)
             o = self._labels_obs(label, dose, cov, [f"{c}-{label}" for c in controls.obs_names])
             o["celldit_source"] = controls.obs_names.astype(str).to_numpy()
             obs.append(o)
@@ -229,7 +237,7 @@ class CellSampler:
         if self.settings["source"] == "noise":
             x0 = self.network.source_noise((n, len(self.genes)), generator=gen)
             pert = self._condition(label, dose, x0, cov)
-            x = self._transport(x0, pert, cov_idx, steps, method, cfg_scale, 2048, from_noise=True)
+            x = self._transport(x0, pert, cov_idx, steps, method, cfg_scale, 2048)
         else:
             match = np.ones(len(self.bank_obs), dtype=bool)
             for k in self.spec.covariate_keys:
