@@ -4,6 +4,8 @@
         --tokenizer module --source control --out out/cells_papalexi.json
     python benchmarks/cells.py --data ../shared/data --protocol kang --out out/cells_kang.json
     python benchmarks/cells.py --data ../shared/data --protocol norman_unseen_combo --out out/norman.json
+    python benchmarks/cells.py --data ../shared/data --protocol papalexi_rep3 \
+        --tokenizer gene module latent --source control noise --out out/cells_grid.json
 
 Protocols (the DESIGN.md ones, as in ``benchmarks/baselines.py``):
 
@@ -31,6 +33,9 @@ import time
 import warnings
 from pathlib import Path
 
+if "--threads" in sys.argv[:-1]:  # before torch starts OpenMP: workers left at the core count spin
+    os.environ.setdefault("OMP_NUM_THREADS", sys.argv[sys.argv.index("--threads") + 1])
+
 import anndata as ad
 import numpy as np
 import torch
@@ -38,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from celldit.api import CellDiT
+from celldit.cli.fit import set_threads
 from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
@@ -141,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder with the shared .h5ad files")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), action="append", required=True)
-    parser.add_argument("--tokenizer", default="module", choices=["gene", "module", "latent"])
-    parser.add_argument("--source", default="control", choices=["control", "noise"])
+    parser.add_argument("--tokenizer", nargs="+", default=["module"], choices=["gene", "module", "latent"],
+                        help="one or more: each (tokenizer, source) pair is trained and scored in turn")
+    parser.add_argument("--source", nargs="+", default=["control"], choices=["control", "noise"])
+    parser.add_argument("--gene-max-steps", type=int, default=None,
+                        help="training steps of the gene tokenizer (its O(G^2) attention is the slowest on "
+                             "CPU; default --max-steps)")
     parser.add_argument("--no-anchor", action="store_true", help="start the control-source flow at the control cell")
     parser.add_argument("--cfg-dropout", type=float, default=0.2)
     parser.add_argument("--cell-types", nargs="+", default=None, help="kang: hold out only these cell types")
@@ -161,13 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # torch and BLAS alike: idle BLAS threads spin and slow parallel runs
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "device": "cpu"}}
-    for name in args.protocol:
-        result[name] = PROTOCOLS[name](args.data, args)
+    grid = [(t, s) for t in args.tokenizer for s in args.source]
+    for tokenizer, source in grid:
+        run = argparse.Namespace(**{**vars(args), "tokenizer": tokenizer, "source": source})
+        if tokenizer == "gene" and args.gene_max_steps:
+            run.max_steps = args.gene_max_steps
+        for name in args.protocol:
+            out = PROTOCOLS[name](args.data, run)
+            if len(grid) > 1:
+                result.setdefault(name, {})[f"{tokenizer}/{source}"] = {"max_steps": run.max_steps, **out}
+                print(f"{name} {tokenizer}/{source}: {json.dumps(out.get('metrics', {}).get('model'))}",
+                      file=sys.stderr, flush=True)
+            else:
+                result[name] = out
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:

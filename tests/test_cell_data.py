@@ -64,6 +64,19 @@ GENES = ["g5", "g0", "g9", "g3"]  # a subset in a custom order
 IDX = np.array([7, 2, 2, 0, 11, 7, 39, 1])  # repeated and unsorted
 
 
+def test_normalising_keeps_the_callers_torch_threads():
+    """scanpy's numba kernels share torch's OpenMP runtime and would reset its thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ExpressionRows(counts_adata(n=300, g=40))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_expression_rows_in_memory_and_backed_equal_hand_normalisation(tmp_path):
     adata = counts_adata()
     path = tmp_path / "counts.h5ad"

@@ -128,8 +128,14 @@ def log_normalize(
         out.X = out.X.astype(np.float32)
     else:
         out.X = np.asarray(out.X, dtype=np.float32)
+    import torch
+
+    threads = torch.get_num_threads()
     sc.pp.normalize_total(out, target_sum=target_sum)
     sc.pp.log1p(out)
+    # scanpy's numba kernels run on the OpenMP runtime torch uses, and leave its thread
+    # count at numba's: a torch.set_num_threads(n) of the caller would be silently undone
+    torch.set_num_threads(threads)
     out.uns.pop("log1p", None)
     out.uns["celldit_expression"] = {"space": "log1p_normalized", "source": source}
     return out
