@@ -179,11 +179,8 @@ class CellSampler:
         if not self.spec.covariate_keys or row is None:
             return np.zeros(len(cov), dtype=bool)
         groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
-        return np.array([f"{row}\x1e{g}" not in self._trained_set for g in groups], dtype=bool)
-
-    @property
-    def _trained_set(self) -> set[str]:
-        return set(self.trained_groups)
+        trained = set(self.trained_groups)
+        return np.array([f"{row}\x1e{g}" not in trained for g in groups], dtype=bool)
 
     def _input_centers(self, controls: AnnData, x: torch.Tensor) -> torch.Tensor:
         """(n, G) offset of each input cell: the mean of the input's control cells of its
