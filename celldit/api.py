@@ -76,7 +76,9 @@ class CellDiT(CellSampler):
         counterfactual inverts the control cell to noise first.
     anchor
         Control source only: start each flow at control cell + the condition's mean shift
-        (see :mod:`celldit.data.conditions`); the network learns the rest.
+        (see :mod:`celldit.data.conditions`); the network learns the rest. In a covariate
+        group never trained with the condition, the other groups' shifts are weighted by
+        how alike their control cells are (see :class:`~celldit.data.conditions.ConditionTable`).
     ot, ot_dims
         Re-pair sources and targets by minibatch optimal transport (control source), with
         the cost measured in the ``ot_dims`` leading principal components of the training
