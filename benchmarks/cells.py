@@ -81,7 +81,7 @@ def _sample(model: CellDiT, controls: ad.AnnData, labels: list[str], args) -> tu
         keep = np.sort(np.random.default_rng(args.seed).permutation(controls.n_obs)[: args.n_controls])
         controls = controls[keep].copy()
     t0 = time.perf_counter()
-    pred = model.counterfactual(controls, labels, steps=args.sample_steps, seed=args.seed)
+    pred = model.counterfactual(controls, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed)
     dt = time.perf_counter() - t0
     return pred, {"sample_s": round(dt, 2), "sample_cells_per_s": round(pred.n_obs / dt, 1), "cells": pred.n_obs}
 
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=None)
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale of sampling")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
