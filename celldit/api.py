@@ -100,7 +100,7 @@ class CellDiT(CellSampler):
     covariate_dropout
         Probability of hiding the covariate values of a training block (an "unknown" token);
         with anchors, such a block starts from the anchor its covariate group would get had
-        it never been trained with the condition (the mean of the other groups' shifts). A
+        it never been trained with the condition (the other groups' shifts, weighted). A
         perturbation asked in a covariate group where it had no training cells (a held-out
         cell type) is then predicted with the unknown token, from the cell's state.
     seed

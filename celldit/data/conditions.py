@@ -67,6 +67,9 @@ class ConditionTable:
 
     def __post_init__(self) -> None:
         self._row = {k: i for i, k in enumerate(self.keys)}
+        self._shifts_of: dict[int, list[tuple[int, np.ndarray]]] = {}  # row -> [(group, shift)]
+        for (r, g), v in sorted(self.group_shifts.items()):
+            self._shifts_of.setdefault(r, []).append((g, v))
         means = list(self.group_controls.values())
         d2 = [float(((a - b) ** 2).sum()) for i, a in enumerate(means) for b in means[i + 1:]]
         self.bandwidth = float(np.median(d2)) if d2 and np.median(d2) > 0 else None
@@ -79,7 +82,7 @@ class ConditionTable:
         """Anchor of condition ``row`` for cells of mean ``control_mean`` in a covariate
         group never trained with it (see the class notes); ``exclude`` leaves one group out.
         Conditions trained in a single group get their anchor."""
-        items = [(g, v) for (r, g), v in self.group_shifts.items() if r == row and g != exclude]
+        items = [(g, v) for g, v in self._shifts_of.get(row, []) if g != exclude]
         if not items:
             return self.anchors[row]
         if self.bandwidth is None or control_mean is None:
@@ -98,7 +101,7 @@ class ConditionTable:
         network learns to correct a held-out group's anchor error from the cell's state, as
         it must at prediction time.
         """
-        if not any(r == row and g != group for r, g in self.group_shifts):
+        if not any(g != group for g, _ in self._shifts_of.get(row, [])):
             return None
         return self.group_weighted_anchor(row, self.group_controls.get(group), exclude=group)
 
@@ -182,12 +185,10 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, x_me
         ctrl_means = {int(g): x_mean_fn(idx) for g in np.unique(groups)
                       if (idx := np.flatnonzero((cond_id == 0) & (groups == g))).size}
         for row in range(1, len(uniq)):
-            for g in map(int, np.unique(groups[cond_id == row])):
-                if g in ctrl_means:
-                    shifts[(row, g)] = x_mean_fn(np.flatnonzero((cond_id == row) & (groups == g))) - ctrl_means[g]
-            mine = [k for k in shifts if k[0] == row]
+            mine = {g: x_mean_fn(np.flatnonzero((cond_id == row) & (groups == g))) - ctrl_means[g]
+                    for g in map(int, np.unique(groups[cond_id == row])) if g in ctrl_means}
             if mine:
-                anchors[row] = np.mean([shifts[k] for k in mine], axis=0)
-            if len(mine) == 1:  # one group: its shift is the anchor, in every group
-                del shifts[mine[0]]
+                anchors[row] = np.mean(list(mine.values()), axis=0)
+            if len(mine) > 1:  # with one group its shift is the anchor, in every group
+                shifts.update({(row, g): v for g, v in mine.items()})
     return ConditionTable(uniq, anchors, shifts, ctrl_means), cond_id
