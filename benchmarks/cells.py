@@ -42,8 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from celldit.api import CellDiT
-from celldit.cli.fit import set_threads
+from celldit.cells import CellDiT
+from celldit.train.trainer import set_threads
 from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
@@ -68,7 +68,8 @@ def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
                     hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
                     cfg_dropout=args.cfg_dropout, covariate_dropout=args.covariate_dropout, seed=args.seed)
     t1 = time.perf_counter()
-    model.fit(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, progress_bar=False, accelerator="cpu")
+    model.fit(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+              trainer={"progress_bar": False, "accelerator": "cpu", "logger": None})
     t2 = time.perf_counter()
     return model, {"setup_s": round(t1 - t0, 2), "train_s": round(t2 - t1, 2),
                    "train_cells_per_s": round(args.batch_size * args.max_steps / (t2 - t1), 1),

@@ -8,13 +8,13 @@ __version__ = "0.1.0"
 
 from .models import DiT, ImageDiT
 
-__all__ = ["CellDiT", "DiT", "ImageDiT", "__version__"]
+__all__ = ["CellDiT", "CellDiTConfig", "DiT", "ImageDiT", "__version__"]
 
 
 def __getattr__(name: str):
-    # CellDiT pulls in anndata, scanpy and lightning: import it on first use only
-    if name == "CellDiT":
-        from .api import CellDiT
+    # the cell model pulls in anndata, scanpy and lightning: import it on first use only
+    if name in ("CellDiT", "CellDiTConfig"):
+        from . import cells
 
-        return CellDiT
+        return getattr(cells, name)
     raise AttributeError(f"module 'celldit' has no attribute {name!r}")

@@ -21,6 +21,8 @@ Hyperparameters live in ``configs/image_digits.yaml``; the flags override them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -40,7 +42,7 @@ except ImportError:  # running from a source checkout without installing
 from celldit import ImageDiT
 from celldit.data.images import LatentDataModule, LatentDataset
 from celldit.flow import RectifiedFlow
-from celldit.train import FlowTrainingPlan, LossHistory, fit
+from celldit.train import FitConfig, FlowTrainingPlan, LossHistory, fit
 from celldit.train.trainer import resolve_accelerator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "image_digits.yaml"
@@ -58,15 +60,16 @@ def unit_to_digits(x: np.ndarray) -> np.ndarray:
 
 def load_config(path: str | Path, args: argparse.Namespace) -> dict[str, Any]:
     config = yaml.safe_load(Path(path).read_text())
+    config.setdefault("trainer", {})
     overrides = {
-        ("trainer", "max_steps"): args.steps,
+        ("max_steps",): args.steps,
         ("seed",): args.seed,
         ("sampling", "n_samples"): args.n_samples,
         ("sampling", "cfg_scale"): args.cfg_scale,
         ("sampling", "steps"): args.sample_steps,
-        ("data", "batch_size"): args.batch_size,
-        ("plan", "lr"): args.lr,
-        ("plan", "ema_decay"): args.ema_decay,
+        ("batch_size",): args.batch_size,
+        ("lr",): args.lr,
+        ("ema_decay",): args.ema_decay,
         ("trainer", "accelerator"): args.accelerator,
         ("threads",): args.threads,
     }
@@ -80,6 +83,15 @@ def load_config(path: str | Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.progress:
         config["trainer"]["progress_bar"] = True
     return config
+
+
+def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], FitConfig, RectifiedFlow]:
+    """The config's ImageDiT arguments, training settings and flow (the `celldit image train` schema)."""
+    model_args = [name for name in inspect.signature(ImageDiT.__init__).parameters if name != "self"]
+    fit_fields = {f.name for f in dataclasses.fields(FitConfig)}
+    model = {k: v for k, v in config.items() if k in model_args}
+    fit_config = FitConfig(**{k: v for k, v in config.items() if k in fit_fields})
+    return model, fit_config, RectifiedFlow(**config.get("flow", {}))
 
 
 def classifier_accuracy(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -163,21 +175,22 @@ def _run(config: dict[str, Any], out: Path) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    seed = int(config.get("seed", 0))
+    mcfg, fcfg, flow = split_config(config)
+    scfg = config["sampling"]
+    seed = int(fcfg.seed or 0)
     torch.manual_seed(seed)
     digits = load_digits()
     x = digits_to_unit(digits.images[:, None])  # (1797, 1, 8, 8)
-    mcfg, scfg = config["model"], config["sampling"]
     network = ImageDiT(**mcfg)
     dataset = LatentDataset(x, digits.target, expected_shape=(mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"]),
                             num_classes=mcfg["num_classes"])  # fmt: skip
-    datamodule = LatentDataModule(dataset, batch_size=int(config["data"]["batch_size"]))
-    pcfg = dict(config["plan"])
-    pcfg["betas"] = tuple(pcfg.get("betas", (0.9, 0.999)))
-    plan = FlowTrainingPlan(network, RectifiedFlow(**config.get("flow", {})), **pcfg)
-    history = LossHistory(print_every=int(config.get("print_every", 0)) or None)
+    datamodule = LatentDataModule(dataset, batch_size=fcfg.batch_size)
+    plan = FlowTrainingPlan(network, flow, lr=fcfg.lr, weight_decay=fcfg.weight_decay, betas=fcfg.betas,
+                            warmup_steps=fcfg.warmup_steps, lr_schedule=fcfg.lr_schedule,
+                            min_lr_ratio=fcfg.min_lr_ratio, ema_decay=fcfg.ema_decay)
+    history = LossHistory(print_every=None if fcfg.trainer.progress_bar else fcfg.trainer.log_every_n_steps)
     t0 = time.perf_counter()
-    fit(plan, datamodule, dict(config["trainer"], seed=seed), callbacks=[history])
+    fit(plan, datamodule, fcfg.trainer, max_steps=fcfg.max_steps, seed=seed, callbacks=[history])
     train_s = time.perf_counter() - t0
 
     # sample from the EMA weights, n/10 per class, CFG against the null class
@@ -185,7 +198,7 @@ def _run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     n_classes = mcfg["num_classes"]
     per_class = -(-int(scfg["n_samples"]) // n_classes)
     labels = torch.arange(n_classes).repeat_interleave(per_class)
-    device = torch.device(resolve_accelerator(config["trainer"].get("accelerator", "auto")))
+    device = torch.device(resolve_accelerator(fcfg.trainer.accelerator))
     plan.to(device)  # Lightning hands the module back on the CPU after fit
     gen = torch.Generator().manual_seed(seed + 1)
     x0 = torch.randn((len(labels), *x.shape[1:]), generator=gen).to(device)

@@ -1,9 +1,14 @@
 """The ``celldit`` command line.
 
-Each subcommand lives in its own module of this package and exposes
-``add_parser(subparsers)``, which registers the subcommand and sets ``func`` (a callable
-taking the parsed ``argparse.Namespace`` and returning an exit code). A new subcommand
-is one module and one entry in :data:`SUBCOMMANDS`.
+Each subcommand lives in its own module of this package. Most expose
+``add_parser(subparsers)`` (an argparse subparser whose ``func`` takes the parsed
+``argparse.Namespace`` and returns an exit code). The training commands, whose options are
+generated from settings classes, expose ``build_parser()`` (jsonargparse, with ``--config``
+and ``--print-config``) and ``run(cfg, parser)``; they are listed in :data:`CONFIG_COMMANDS`.
+A new subcommand is one module and one entry in :data:`SUBCOMMANDS`.
+
+User errors (a missing file, a bad value, a key not in ``obs``) end in one line on stderr
+and exit code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ SUBCOMMANDS: dict[str, str] = {
     "bench": "bench",
     "image": "image",
 }
+#: commands parsed by jsonargparse from settings classes: argv prefix -> (module, one-line help)
+CONFIG_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("fit",): ("fit", "train a CellDiT on an AnnData and save the model folder"),
+    ("image", "train"): ("image_train", "train a class-conditional ImageDiT with rectified flow"),
+}
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,21 +42,52 @@ def build_parser() -> argparse.ArgumentParser:
         description="Diffusion Transformers with rectified flow for images and perturbed cells.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in SUBCOMMANDS.values():
+    for name, module_name in SUBCOMMANDS.items():
+        if (name,) in CONFIG_COMMANDS:  # listed here, parsed by its own parser
+            sub.add_parser(name, help=CONFIG_COMMANDS[(name,)][1], add_help=False)
+            continue
         importlib.import_module(f"celldit.cli.{module_name}").add_parser(sub)
     return parser
 
 
+def _error(command: str, err: BaseException) -> int:
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    text = " ".join(str(msg).split())  # one line
+    print(f"celldit {command}: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _run_config_command(prefix: tuple[str, ...], argv: list[str]) -> int:
+    from jsonargparse import ArgumentError
+
+    from .config_args import join_list_values
+
+    module = importlib.import_module(f"celldit.cli.{CONFIG_COMMANDS[prefix][0]}")
+    command = " ".join(prefix)
+    parser = module.build_parser()
+    try:
+        argv = join_list_values(argv, getattr(parser, "list_flags", set()), getattr(parser, "positional", None))
+        cfg = parser.parse_args(argv)
+    except ArgumentError as err:
+        return _error(command, err)
+    try:
+        return int(module.run(cfg, parser) or 0)
+    except USER_ERRORS as err:
+        return _error(command, err)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``celldit`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for prefix in CONFIG_COMMANDS:
+        if tuple(argv[: len(prefix)]) == prefix:
+            return _run_config_command(prefix, argv[len(prefix):])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:  # user errors: no traceback
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"celldit {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return _error(args.command, err)
 
 
 if __name__ == "__main__":  # pragma: no cover

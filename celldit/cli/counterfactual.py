@@ -14,19 +14,20 @@ written atomically and never overwritten.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
+
+from ..io import write_h5ad_atomic
 
 __all__ = [
     "SOLVER_CHOICES",
     "add_parser",
-    "check_labels",
-    "read_h5ad",
     "add_sampling_arguments",
+    "check_labels",
+    "check_out",
     "load_model",
+    "read_h5ad",
     "run",
     "trained_labels",
-    "write_h5ad_atomic",
 ]
 
 SOLVER_CHOICES = ("euler", "midpoint", "heun", "rk4", "adaptive", "dopri5", "dopri8", "bosh3", "adaptive_heun")
@@ -62,7 +63,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_model(path: Path):
     """The CellDiT saved in ``path``; the error names the folder when it does not exist."""
-    from celldit.api import CellDiT
+    from ..cells import CellDiT
 
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
@@ -87,19 +88,6 @@ def check_out(path: Path) -> Path:
     if path.exists():
         raise FileExistsError(f"--out {str(path)!r} already exists: choose another file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def write_h5ad_atomic(adata, path: Path) -> Path:
-    """Write ``adata`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -6,7 +6,7 @@ Example::
     celldit demo --out runs/demo_quick --quick   # a tiny run through every stage
 
 Writes ``split.json``, ``model/``, ``counterfactuals.h5ad``, ``report/`` and ``demo.json``
-into ``--out`` and prints the model beside the baselines (see :mod:`celldit.demo`).
+into ``--out`` and prints the model beside the baselines (see :mod:`celldit.cells.demo`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print the table; returns the exit code (0)."""
-    from celldit.demo import format_table, run_demo
+    from ..cells.demo import format_table, run_demo
 
     result = run_demo(args.out, max_steps=args.max_steps, quick=args.quick, threads=args.threads or None,
                       progress_bar=not args.no_progress_bar, log=sys.stderr)

@@ -15,15 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from celldit.cli.counterfactual import (
-    add_sampling_arguments,
-    check_labels,
-    check_out,
-    load_model,
-    write_h5ad_atomic,
-)
+from ..io import write_h5ad_atomic
+from .counterfactual import add_sampling_arguments, check_labels, check_out, load_model
 
-__all__ = ["add_parser", "parse_condition", "run"]
+__all__ = ["add_parser", "parse_condition_items", "run"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -41,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def parse_condition(items: list[str], perturbation_key: str) -> dict[str, str]:
+def parse_condition_items(items: list[str], perturbation_key: str) -> dict[str, str]:
     """``["K=V", ...]`` -> ``{K: V}``; a bare ``LABEL`` stands for ``perturbation_key=LABEL``."""
     cond: dict[str, str] = {}
     for item in items:
@@ -64,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_out(args.out)
     model = load_model(args.model)
     spec = model.spec
-    cond = parse_condition(args.condition, spec.perturbation_key)
+    cond = parse_condition_items(args.condition, spec.perturbation_key)
     known = {spec.perturbation_key, *spec.covariate_keys, *([spec.dose_key] if spec.dose_key else [])}
     unknown = sorted(set(cond) - known)
     if unknown:

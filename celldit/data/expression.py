@@ -1,14 +1,20 @@
-"""The expression space celldit works in: ``log1p(normalize_total(counts, 1e4))``."""
+"""The expression space celldit works in: ``log1p(normalize_total(counts, 1e4))``.
+
+:func:`log_normalize` brings a whole AnnData there; :class:`ExpressionRows` reads the rows
+of a batch there on demand (sparse in memory, or from disk for ``read_h5ad(backed="r")``)
+and :func:`select_genes` picks the gene set a model works on.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
-__all__ = ["log_normalize", "check_expression", "TARGET_SUM"]
+__all__ = ["ExpressionRows", "TARGET_SUM", "check_expression", "gene_positions", "log_normalize", "select_genes"]
 
 #: counts per cell after :func:`scanpy.pp.normalize_total`
 TARGET_SUM = 1e4
@@ -139,3 +145,123 @@ def log_normalize(
     out.uns.pop("log1p", None)
     out.uns["celldit_expression"] = {"space": "log1p_normalized", "source": source}
     return out
+
+
+def _dense(block) -> np.ndarray:
+    return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
+
+
+def gene_positions(var_names: Sequence[str], genes: Sequence[str], what: str = "genes") -> np.ndarray:
+    """Column index of each of ``genes`` in ``var_names``; ``ValueError`` listing missing ones."""
+    lookup = {g: i for i, g in enumerate(map(str, var_names))}
+    missing = [g for g in genes if g not in lookup]
+    if missing:
+        shown = ", ".join(map(repr, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise ValueError(f"{len(missing)} of the {what} are not in adata.var_names: {shown}")
+    return np.array([lookup[g] for g in genes], dtype=np.int64)
+
+
+def select_genes(adata: AnnData, genes: str | Sequence[str] = "all", n_top_genes: int = 2000) -> list[str]:
+    """The gene set a model works on, in ``var`` order unless a list is given.
+
+    ``"all"``; ``"hvg"``: scanpy's Seurat-flavour highly variable genes of the log-normalised
+    data (``n_top_genes`` of them); ``"var:COLUMN"``: the genes whose boolean ``var`` column
+    is true (e.g. ``var:highly_variable`` computed beforehand); or a list of gene names.
+    """
+    if isinstance(genes, str):
+        if genes == "all":
+            return list(map(str, adata.var_names))
+        if genes.startswith("var:"):
+            column = genes[4:]
+            if column not in adata.var.columns:
+                raise ValueError(f"genes={genes!r}: {column!r} is not a column of adata.var "
+                                 f"(columns: {list(adata.var.columns)[:20]})")
+            values = adata.var[column]
+            if values.dtype != bool:
+                raise ValueError(f"genes={genes!r}: adata.var[{column!r}] must be boolean (True for the genes to keep)")
+            chosen = [str(g) for g, keep in zip(adata.var_names, values.to_numpy()) if keep]
+            if not chosen:
+                raise ValueError(f"genes={genes!r}: no gene has adata.var[{column!r}] == True")
+            return chosen
+        if genes != "hvg":
+            raise ValueError(f"genes={genes!r}: use 'all', 'hvg', 'var:COLUMN' or a list of gene names")
+        import scanpy as sc
+
+        sample = adata if not adata.isbacked else adata[np.sort(np.random.default_rng(0).permutation(
+            adata.n_obs)[:20000])].to_memory()
+        norm = log_normalize(sample) if check_expression(sample.X) else sample
+        if n_top_genes >= norm.n_vars:
+            return list(map(str, adata.var_names))
+        hvg = sc.pp.highly_variable_genes(norm, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
+        return [g for g, keep in zip(map(str, norm.var_names), hvg["highly_variable"].to_numpy()) if keep]
+    genes = [str(g) for g in genes]
+    gene_positions(adata.var_names, genes)
+    return genes
+
+
+class ExpressionRows:
+    """Cells of an AnnData in model space, densified a batch of rows at a time.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, in memory or backed. Raw counts (``layers['counts']`` or an
+        integer ``X``) are log1p-normalised; non-integer ``X`` is taken as already
+        log-normalised (a warning says so).
+    genes
+        Gene names to keep, in output column order (default: all).
+    target_sum
+        Counts per cell after normalisation.
+    """
+
+    def __init__(self, adata: AnnData, genes: Sequence[str] | None = None, target_sum: float = TARGET_SUM):
+        self.genes = list(map(str, adata.var_names)) if genes is None else list(genes)
+        self.columns = gene_positions(adata.var_names, self.genes)
+        self.target_sum = float(target_sum)
+        self.backed = bool(adata.isbacked)
+        self.n_obs = adata.n_obs
+        if self.backed:
+            # like log_normalize: layers['counts'] when present, else X (normalised row by row in rows())
+            self._where = "layers['counts']" if "counts" in adata.layers else "X"
+            self._matrix = adata.layers.get("counts", adata.X)
+            first = _dense(self._matrix[: min(256, self.n_obs)])
+            self.counts = check_expression(first, self._where)
+            if not self.counts and self._where != "X":
+                raise ValueError(f"{self._where} holds non-integer values, so it is not raw counts; drop or "
+                                 "rename that layer to use X as given")
+            if not self.counts:
+                warnings.warn("X holds non-integer values: assuming it is already "
+                              "log1p(normalize_total(counts, 1e4)) and using it as given", UserWarning, stacklevel=2)
+        else:
+            norm = log_normalize(adata)
+            self.counts = norm.uns["celldit_expression"]["source"] != "as_given"
+            x = norm.X
+            self._matrix = sp.csr_matrix(x[:, self.columns], dtype=np.float32) if sp.issparse(x) \
+                else np.asarray(x[:, self.columns], dtype=np.float32)
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.genes)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """(len(idx), n_genes) float32 expression of the cells ``idx`` (any order, repeats allowed)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if not self.backed:
+            return _dense(self._matrix[idx])
+        uniq, inverse = np.unique(idx, return_inverse=True)  # h5 reads want sorted unique rows
+        block = self._matrix[uniq]
+        block = block.tocsr() if sp.issparse(block) else np.asarray(block)
+        check_expression(block, self._where)  # NaN / negative values beyond the rows checked at start
+        if self.counts:  # normalise over all genes, then keep the chosen ones (as scanpy does)
+            totals = np.asarray(block.sum(1)).ravel()
+            scale = np.where(totals > 0, self.target_sum / np.where(totals > 0, totals, 1), 0.0)
+            block = sp.diags(scale.astype(np.float32)) @ block if sp.issparse(block) else block * scale[:, None]
+            block = block.log1p() if sp.issparse(block) else np.log1p(block)
+        return _dense(block[:, self.columns])[inverse]
+
+    def all_rows(self, idx: np.ndarray | None = None, chunk: int = 8192) -> np.ndarray:
+        """Dense rows ``idx`` (default all), read in chunks."""
+        idx = np.arange(self.n_obs) if idx is None else np.asarray(idx)
+        if idx.size == 0:
+            return np.zeros((0, self.n_vars), np.float32)
+        return np.concatenate([self.rows(idx[s: s + chunk]) for s in range(0, len(idx), chunk)])

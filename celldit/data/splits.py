@@ -12,6 +12,9 @@ perturbation splits put them in both masks unless ``controls_in_test=False``.
 * :class:`HeldOutCovariateGroup` - the perturbed cells of a covariate group (a cell type, a
   donor) are test; that group's controls stay in training and are the test's C.
 * :class:`HeldOutReplicate` - every cell of the chosen replicate(s) is test, controls too.
+
+Hold-out *rules* (``celldit fit --holdout KEY=VALUE``) remove cells from training by
+``obs`` values: :func:`parse_holdout`, :func:`holdout_mask`, :func:`holdout_record`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -29,6 +33,7 @@ from celldit.data.spec import PerturbationSpec
 __all__ = [
     "SplitMasks", "Split", "HeldOutPerturbations", "HeldOutCombinations",
     "HeldOutCovariateGroup", "HeldOutReplicate", "split_from_dict", "load_split",
+    "holdout_mask", "holdout_record", "parse_holdout",
 ]
 
 
@@ -257,3 +262,70 @@ def load_split(path: str | Path) -> Split:
     if not path.exists():
         raise FileNotFoundError(f"split file {str(path)!r} does not exist")
     return split_from_dict(json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------- hold-out rules (celldit fit --holdout)
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, (str, int, float)) else [str(v) for v in value]
+
+
+def parse_holdout(items: Any) -> list[dict[str, str]]:
+    """Hold-out rules: ``["KEY=VALUE", "K1=V1&K2=V2", ...]`` (or a ``{KEY: VALUE or [VALUES]}``
+    mapping) -> a list of ``{KEY: VALUE}`` rules. A cell is held out when it matches every
+    pair of some rule, so rules on one key add values and ``&`` narrows a rule."""
+    rules: list[dict[str, str]] = []
+    if isinstance(items, Mapping):
+        items = [f"{key}={value}" for key, values in items.items() for value in _as_list(values)]
+    for item in _as_list(items):
+        rule: dict[str, str] = {}
+        for part in item.split("&"):
+            key, sep, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key or not value:
+                raise ValueError(f"--holdout {item!r}: expected KEY=VALUE (or KEY=VALUE&KEY=VALUE), "
+                                 "e.g. bio_rep=rep_3")
+            if key in rule and rule[key] != value:
+                raise ValueError(f"--holdout {item!r} asks {key} to equal two values; give two rules instead")
+            rule[key] = value
+        if rule not in rules:
+            rules.append(rule)
+    return rules
+
+
+def holdout_mask(obs, rules: list[dict[str, str]]) -> np.ndarray:
+    """Boolean mask of the cells held out: those matching every pair of some rule."""
+    held = np.zeros(len(obs), dtype=bool)
+    columns: dict[str, np.ndarray] = {}
+    for rule in rules:
+        match = np.ones(len(obs), dtype=bool)
+        for key, value in rule.items():
+            if key not in obs.columns:
+                raise ValueError(f"--holdout: obs key {key!r} is not in the data (columns: {list(obs.columns)[:20]})")
+            column = columns.setdefault(key, obs[key].astype(str).to_numpy())
+            if not (column == value).any():
+                raise ValueError(f"--holdout: value {value!r} not found in obs[{key!r}]")
+            match &= column == value
+        held |= match
+    return held
+
+
+def holdout_record(obs, options: Mapping[str, Any], rules: list[dict[str, str]], held: np.ndarray) -> dict:
+    """What ``holdout.json`` records: the rules, cell counts, and the perturbation labels left
+    without training cells; ``split`` is the same rule as a :mod:`celldit.data.splits` dict
+    when the rules hold out values of one key."""
+    key = options["perturbation_key"]
+    labels = obs[key].astype(str).to_numpy()
+    absent = sorted(set(labels[held]) - set(labels[~held]))
+    split = None
+    keys = {k for rule in rules for k in rule}
+    if len(keys) == 1 and all(len(rule) == 1 for rule in rules):
+        spec = PerturbationSpec(key, options["control"], options["delimiter"], options["dose_key"],
+                                tuple(options["covariate_keys"]))
+        hkey, values = keys.pop(), [rule_value for rule in rules for rule_value in rule.values()]
+        split = (HeldOutPerturbations(spec, perturbations=values, controls_in_test=False) if hkey == key
+                 else HeldOutReplicate(spec, key=hkey, values=values)).to_dict()
+    return {"holdout": [dict(rule) for rule in rules], "data": str(options["data"]),
+            "n_cells": len(obs), "n_held_out": int(held.sum()), "n_train": int((~held).sum()),
+            "labels_not_trained": absent, "split": split}

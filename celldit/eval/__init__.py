@@ -15,7 +15,7 @@ from celldit.eval.baselines import (
     prediction_requests,
     run_baselines,
 )
-from celldit.eval.linear import Linear, gene_pca_embedding
+from celldit.eval.baselines import Linear, gene_pca_embedding
 from celldit.eval.metrics import (
     discrimination_scores,
     energy_distance,

@@ -8,41 +8,45 @@ learns the velocity ``v = x1 - x0``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..options import check_options, option
+
 TIME_SAMPLERS = ("uniform", "logit_normal")
 
 
+@dataclass
 class RectifiedFlow:
     """The rectified-flow process around any network ``model(x, t_scaled, **kwargs)``.
 
-    Parameters
+    Its fields are its settings (saved with a model, and the ``flow`` section of a run's
+    config).
+
+    Attributes
     ----------
     time_sampling
-        ``"uniform"`` (t ~ U[0, 1]) or ``"logit_normal"`` (t = sigmoid(N(mean, std^2)),
-        SD3's choice, which spends more steps at mid times).
-    logit_mean, logit_std
-        Parameters of the logit-normal time distribution.
+        Training times: "uniform" (t ~ U[0, 1]) or "logit_normal" (t = sigmoid(N(logit_mean,
+        logit_std^2)), SD3's choice, which spends more steps at mid times).
+    logit_mean
+        Mean of the logit-normal time distribution.
+    logit_std
+        Standard deviation of the logit-normal time distribution.
     time_scale
-        The network receives ``t * time_scale``. 1000 puts flow time on the scale of DiT's
+        The network receives t * time_scale; 1000 puts flow time on the scale of DiT's
         diffusion steps, the range its sinusoidal timestep embedder was designed for.
     """
 
-    def __init__(
-        self,
-        time_sampling: str = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        time_scale: float = 1000.0,
-    ):
-        if time_sampling not in TIME_SAMPLERS:
-            raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLERS}")
-        self.time_sampling = time_sampling
-        self.logit_mean, self.logit_std = logit_mean, logit_std
-        self.time_scale = time_scale
+    time_sampling: str = option("uniform", choices=TIME_SAMPLERS)
+    logit_mean: float = 0.0
+    logit_std: float = option(1.0, gt=0)
+    time_scale: float = option(1000.0, gt=0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     # -- the process ---------------------------------------------------------------
     def sample_t(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:

@@ -10,8 +10,8 @@ from .base import CellTokenizer, Tokenizer
 from .codecs import CODECS, AutoencoderCodec, Codec, PCACodec
 from .gene import GeneTokenizer
 from .latent import LatentTokenizer
-from .module import ModuleTokenizer
-from .modules_from import (
+from .gene_module import GeneModuleTokenizer
+from .gene_module_builders import (
     modules_from_correlation,
     modules_from_gene_sets,
     modules_from_labels,
@@ -21,7 +21,7 @@ from .patch import PatchTokenizer
 TOKENIZERS: dict[str, type[Tokenizer]] = {
     "patch": PatchTokenizer,
     "gene": GeneTokenizer,
-    "module": ModuleTokenizer,
+    "module": GeneModuleTokenizer,  # one token per gene module
     "latent": LatentTokenizer,
 }
 
@@ -41,7 +41,7 @@ __all__ = [
     "Codec",
     "GeneTokenizer",
     "LatentTokenizer",
-    "ModuleTokenizer",
+    "GeneModuleTokenizer",
     "PCACodec",
     "PatchTokenizer",
     "Tokenizer",

@@ -1,7 +1,9 @@
-"""Training: the Lightning plan (network + flow, AdamW, EMA), callbacks and the trainer helper."""
+"""Training: settings, the Lightning plan (network + flow, AdamW, EMA), callbacks and the trainer helper."""
 
 from .callbacks import LossHistory
-from .module import FlowTrainingPlan
-from .trainer import TrainerSettings, build_trainer, default_precision, fit, maybe_compile
+from .config import FitConfig, TrainerConfig
+from .plan import FlowTrainingPlan
+from .trainer import build_trainer, default_precision, fit, maybe_compile, resolve_accelerator
 
-__all__ = ["FlowTrainingPlan", "LossHistory", "TrainerSettings", "build_trainer", "default_precision", "fit", "maybe_compile"]
+__all__ = ["FitConfig", "FlowTrainingPlan", "LossHistory", "TrainerConfig", "build_trainer", "default_precision",
+           "fit", "maybe_compile", "resolve_accelerator"]

@@ -1,4 +1,4 @@
-"""Build a ``lightning.Trainer`` from a few settings, and fit a plan with it.
+"""Build a ``lightning.Trainer`` from a :class:`~celldit.train.config.TrainerConfig`, and fit a plan with it.
 
 Everything distributed (DDP, FSDP, multi-node) comes from Lightning through the ``strategy``
 string; celldit has no launcher of its own.
@@ -6,7 +6,7 @@ string; celldit has no launcher of its own.
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,73 +15,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-
-@dataclasses.dataclass
-class TrainerSettings:
-    """Settings of :func:`build_trainer` (also readable from a config mapping).
-
-    Attributes
-    ----------
-    max_steps
-        Optimizer steps to train for (the total, also when resuming).
-    precision
-        Lightning precision string; ``None`` picks ``"bf16-mixed"`` on CUDA and
-        ``"32-true"`` elsewhere.
-    compile
-        ``torch.compile`` the network in place (only on CUDA; ignored elsewhere with a note).
-    gradient_clip_val
-        Clip the global gradient norm to this value (``None`` or 0: no clipping).
-    accumulate_grad_batches
-        Gradient accumulation.
-    strategy
-        Passed to Lightning as is: ``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ``"fsdp"`` ...
-    accelerator, devices, num_nodes
-        Passed to Lightning as is.
-    checkpoint_dir
-        Where ``ModelCheckpoint`` writes ``.ckpt`` files (``last.ckpt`` + step-named ones);
-        ``None`` disables checkpointing.
-    checkpoint_every_n_steps
-        Checkpoint period in optimizer steps.
-    save_top_k
-        How many step checkpoints to keep (-1: all).
-    log_every_n_steps
-        Logging period.
-    progress_bar
-        Show Lightning's progress bar.
-    logger
-        Log metrics as CSV under ``checkpoint_dir`` (or the working directory).
-    seed
-        If set, ``lightning.seed_everything(seed, workers=True)`` before building.
-    deterministic
-        Passed to Lightning.
-    """
-
-    max_steps: int = 1000
-    precision: str | None = None
-    compile: bool = False
-    gradient_clip_val: float | None = 1.0
-    accumulate_grad_batches: int = 1
-    strategy: str = "auto"
-    accelerator: str = "auto"
-    devices: int | str | Sequence[int] = "auto"
-    num_nodes: int = 1
-    checkpoint_dir: str | None = None
-    checkpoint_every_n_steps: int = 1000
-    save_top_k: int = 1
-    log_every_n_steps: int = 50
-    progress_bar: bool = True
-    logger: bool = False
-    seed: int | None = None
-    deterministic: bool | str | None = None
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> TrainerSettings:
-        """Build from a mapping; unknown keys raise a ``KeyError`` naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise KeyError(f"unknown trainer settings {unknown}; known: {sorted(names)}")
-        return cls(**dict(config))
+from ..options import from_mapping
+from .config import TrainerConfig
 
 
 def resolve_accelerator(accelerator: str = "auto") -> str:
@@ -96,67 +31,93 @@ def default_precision(accelerator: str = "auto") -> str:
     return "bf16-mixed" if resolve_accelerator(accelerator) == "cuda" else "32-true"
 
 
+def _loggers(config: TrainerConfig, run_dir: str | Path | None) -> list[Any]:
+    if config.logger is None or run_dir is None:
+        return []
+    if config.logger == "tensorboard":
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            return [TensorBoardLogger(str(run_dir), name="logs", default_hp_metric=False)]
+        except ModuleNotFoundError as err:  # tensorboard is an optional extra
+            raise ValueError(f"trainer.logger='tensorboard' needs the tensorboard package ({err}); "
+                             "pip install tensorboard, or use logger: csv") from None
+    from lightning.pytorch.loggers import CSVLogger
+
+    return [CSVLogger(str(run_dir), name="logs")]
+
+
+def show_progress_bar(config: TrainerConfig) -> bool:
+    """Whether Lightning's progress bar is on (``progress_bar=None``: when stderr is a terminal)."""
+    return sys.stderr.isatty() if config.progress_bar is None else bool(config.progress_bar)
+
+
 def build_trainer(
-    settings: TrainerSettings | Mapping[str, Any] | None = None,
+    config: TrainerConfig | Mapping[str, Any] | None = None,
+    *,
+    max_steps: int,
+    run_dir: str | Path | None = None,
+    seed: int | None = None,
     callbacks: Sequence[L.Callback] = (),
-    **overrides: Any,
+    val_check_interval: int | None = None,
 ) -> L.Trainer:
     """A ``lightning.Trainer`` for step-based flow training.
 
     Parameters
     ----------
-    settings
-        A :class:`TrainerSettings` or a mapping of its fields.
+    config
+        A :class:`~celldit.train.config.TrainerConfig` (or a mapping of its fields).
+    max_steps
+        Optimizer steps to train for (the total, also when resuming).
+    run_dir
+        Run folder: Lightning loggers write under ``run_dir/logs`` and resumable checkpoints
+        (``last.ckpt`` + step-named ones) go to ``run_dir/checkpoints``. ``None``: neither.
+    seed
+        If set, ``lightning.seed_everything(seed, workers=True)`` before building.
     callbacks
-        Extra callbacks (a ``ModelCheckpoint`` is added when ``checkpoint_dir`` is set).
-    overrides
-        Field overrides, e.g. ``max_steps=10``.
+        Extra callbacks (a ``ModelCheckpoint`` is added when ``run_dir`` is set).
+    val_check_interval
+        Run the validation loop every this many training batches (None: no validation).
     """
-    if settings is None:
-        settings = TrainerSettings()
-    elif isinstance(settings, Mapping):
-        settings = TrainerSettings.from_dict(settings)
-    settings = dataclasses.replace(settings, **overrides)
-    if settings.seed is not None:
-        L.seed_everything(settings.seed, workers=True, verbose=False)
-    precision = settings.precision or default_precision(settings.accelerator)
+    config = from_mapping(TrainerConfig, config, "trainer")
+    if seed is not None:
+        L.seed_everything(seed, workers=True, verbose=False)
+    precision = config.precision or default_precision(config.accelerator)
     cbs = list(callbacks)
-    if settings.checkpoint_dir is not None:
+    if run_dir is not None:
         cbs.append(
             ModelCheckpoint(
-                dirpath=settings.checkpoint_dir,
+                dirpath=str(Path(run_dir) / "checkpoints"),
                 filename="step{step:07d}",
                 auto_insert_metric_name=False,
-                every_n_train_steps=settings.checkpoint_every_n_steps,
-                save_top_k=settings.save_top_k,
+                every_n_train_steps=config.checkpoint_every_n_steps,
+                save_top_k=config.save_top_k,
                 monitor="step",
                 mode="max",
                 save_last=True,
             )
         )
-    logger: Any = False
-    if settings.logger:
-        from lightning.pytorch.loggers import CSVLogger
-
-        logger = CSVLogger(settings.checkpoint_dir or ".", name="logs")
     return L.Trainer(
-        max_steps=settings.max_steps,
+        max_steps=max_steps,
         max_epochs=-1,
         precision=precision,
-        gradient_clip_val=settings.gradient_clip_val or None,
-        accumulate_grad_batches=settings.accumulate_grad_batches,
-        strategy=settings.strategy,
-        accelerator=settings.accelerator,
-        devices=settings.devices,
-        num_nodes=settings.num_nodes,
+        gradient_clip_val=config.gradient_clip_val or None,
+        accumulate_grad_batches=config.accumulate_grad_batches,
+        strategy=config.strategy,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
         callbacks=cbs,
-        enable_checkpointing=settings.checkpoint_dir is not None,
-        log_every_n_steps=settings.log_every_n_steps,
-        enable_progress_bar=settings.progress_bar,
+        enable_checkpointing=run_dir is not None,
+        log_every_n_steps=config.log_every_n_steps,
+        enable_progress_bar=show_progress_bar(config),
         enable_model_summary=False,
-        logger=logger,
-        deterministic=settings.deterministic,
-        default_root_dir=settings.checkpoint_dir,
+        logger=_loggers(config, run_dir) or False,
+        deterministic=config.deterministic,
+        default_root_dir=None if run_dir is None else str(run_dir),
+        val_check_interval=val_check_interval,
+        limit_val_batches=None if val_check_interval else 0,
+        num_sanity_val_steps=0,
     )
 
 
@@ -179,24 +140,28 @@ def maybe_compile(plan: L.LightningModule, enabled: bool, accelerator: str = "au
 def fit(
     plan: L.LightningModule,
     datamodule: L.LightningDataModule | None = None,
-    settings: TrainerSettings | Mapping[str, Any] | None = None,
+    config: TrainerConfig | Mapping[str, Any] | None = None,
+    *,
+    max_steps: int,
+    run_dir: str | Path | None = None,
+    seed: int | None = None,
     ckpt_path: str | Path | None = None,
     callbacks: Sequence[L.Callback] = (),
     train_dataloaders: Any = None,
-    **overrides: Any,
+    val_check_interval: int | None = None,
 ) -> L.Trainer:
-    """Build a trainer, compile when asked, and fit; ``ckpt_path`` resumes a ``.ckpt``.
+    """Build a trainer (:func:`build_trainer`), compile when asked, and fit.
 
-    Resuming restores the weights, the EMA, the optimizer and scheduler states and the
-    global step; training continues up to ``max_steps`` in total.
+    ``ckpt_path`` resumes a ``.ckpt``: the weights, the EMA, the optimizer and scheduler
+    states, the global step and the random state of the training noise are restored, and
+    training continues up to ``max_steps`` in total.
     """
-    if isinstance(settings, Mapping):
-        settings = TrainerSettings.from_dict(settings)
-    settings = dataclasses.replace(settings or TrainerSettings(), **overrides)
+    config = from_mapping(TrainerConfig, config, "trainer")
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"checkpoint to resume from not found: {ckpt_path}")
-    trainer = build_trainer(settings, callbacks=callbacks)
-    maybe_compile(plan, settings.compile, settings.accelerator)
+    trainer = build_trainer(config, max_steps=max_steps, run_dir=run_dir, seed=seed, callbacks=callbacks,
+                            val_check_interval=val_check_interval)
+    maybe_compile(plan, config.compile, config.accelerator)
     trainer.fit(
         plan,
         datamodule=datamodule,
@@ -204,3 +169,16 @@ def fit(
         ckpt_path=None if ckpt_path is None else str(ckpt_path),
     )
     return trainer
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU threads and limit BLAS to as many (None: leave both unchanged)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)

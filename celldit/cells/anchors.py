@@ -1,0 +1,194 @@
+"""Conditions of the training cells and their mean shifts (the flow's anchors).
+
+A condition is a perturbation set with one dose per member; the control condition is the
+empty set. Its *anchor* is the mean-shift estimate of its effect: for each covariate group
+in which it was trained, mean(perturbed) - mean(control), averaged over those groups
+(exactly the mean-shift baseline's estimate). The control-source flow starts from
+``control cell + anchor``, so an untrained network (which outputs exactly zero) already
+predicts mean shift, and training learns what a mean shift misses: mixtures, changes of
+spread, effects that depend on the cell's state. A covariate group never trained with a
+condition (a held-out cell type) gets a group-weighted anchor (see :class:`ConditionTable`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..data.spec import PerturbationSpec
+from .vocab import parse_condition
+
+ConditionKey = tuple[tuple[str, ...], tuple[float, ...]]  # (sorted names, their doses)
+
+
+def cell_conditions(obs: pd.DataFrame, spec: PerturbationSpec) -> list[ConditionKey]:
+    """Condition key of every cell of ``obs`` under ``spec``: (sorted names, their doses)."""
+    labels = obs[spec.perturbation_key].astype(str).to_numpy()
+    doses = obs[spec.dose_key].to_numpy(dtype=object) if spec.dose_key else [None] * len(labels)
+    cache: dict = {}
+    keys = []
+    for lab, dose in zip(labels, doses):
+        if (lab, dose) not in cache:
+            cache[(lab, dose)] = parse_condition(lab, dose, spec)
+        keys.append(cache[(lab, dose)])
+    return keys
+
+
+@dataclass
+class ConditionTable:
+    """The training conditions (row 0 is control) and their anchors (n_conditions, G).
+
+    Parameters
+    ----------
+    keys, anchors
+        The conditions and their anchors (the mean over covariate groups of their shifts).
+    group_shifts
+        ``{(row, group): (G,)}`` the per-group shifts of the conditions trained in two or
+        more covariate groups.
+    group_controls
+        ``{group: (G,)}`` the mean control cell of each covariate group.
+
+    A covariate group that never saw a condition gets a *group-weighted* anchor: the
+    condition's group shifts averaged with kernel weights ``exp(-|c - c_g|^2 / h)``, where
+    ``c`` is the mean of the cells the prediction starts from, ``c_g`` a trained group's
+    mean control cell and ``h`` the median squared distance between the training groups'
+    mean control cells (the median heuristic). Groups alike at baseline weigh more: a
+    held-out monocyte type borrows mostly from the other monocytes. With one group, or far
+    apart groups alike, this is the plain mean of the mean-shift baseline.
+    """
+
+    keys: list[ConditionKey]
+    anchors: np.ndarray
+    group_shifts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    group_controls: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._row = {k: i for i, k in enumerate(self.keys)}
+        self._shifts_of: dict[int, list[tuple[int, np.ndarray]]] = {}  # row -> [(group, shift)]
+        for (r, g), v in sorted(self.group_shifts.items()):
+            self._shifts_of.setdefault(r, []).append((g, v))
+        means = list(self.group_controls.values())
+        d2 = [float(((a - b) ** 2).sum()) for i, a in enumerate(means) for b in means[i + 1:]]
+        self.bandwidth = float(np.median(d2)) if d2 and np.median(d2) > 0 else None
+
+    def row(self, key: ConditionKey) -> int | None:
+        return self._row.get(key)
+
+    def group_weighted_anchor(self, row: int, control_mean: np.ndarray | None,
+                              exclude: int | None = None) -> np.ndarray:
+        """Anchor of condition ``row`` for cells of mean ``control_mean`` in a covariate
+        group never trained with it (see the class notes); ``exclude`` leaves one group out.
+        Conditions trained in a single group get their anchor."""
+        items = [(g, v) for g, v in self._shifts_of.get(row, []) if g != exclude]
+        if not items:
+            return self.anchors[row]
+        if self.bandwidth is None or control_mean is None:
+            w = np.ones(len(items))
+        else:
+            d2 = np.array([((control_mean - self.group_controls[g]) ** 2).sum() for g, _ in items])
+            w = np.exp(-(d2 - d2.min()) / self.bandwidth)
+        return (np.tensordot(w / w.sum(), np.stack([v for _, v in items]), axes=1)).astype(self.anchors.dtype)
+
+    def held_out_anchor(self, row: int, group: int) -> np.ndarray | None:
+        """Anchor of condition ``row`` as covariate group ``group`` would get it had it never
+        been trained with it (its other groups, weighted by likeness to ``group``; None when
+        it has no other group).
+
+        Training cells whose covariates are hidden start from this anchor, so that the
+        network learns to correct a held-out group's anchor error from the cell's state, as
+        it must at prediction time.
+        """
+        if not any(g != group for g, _ in self._shifts_of.get(row, [])):
+            return None
+        return self.group_weighted_anchor(row, self.group_controls.get(group), exclude=group)
+
+    def anchor(self, key: ConditionKey, control_mean: np.ndarray | None = None) -> np.ndarray:
+        """Anchor of any condition: its own when trained; else the sum of its members'
+        single anchors (the additive estimate), each taken at the nearest trained dose and
+        scaled linearly by dose; members never trained add nothing. With ``control_mean``
+        (cells of a covariate group never trained with the condition), trained anchors are
+        group-weighted (see the class notes)."""
+
+        def own(row: int) -> np.ndarray:
+            return self.anchors[row] if control_mean is None else self.group_weighted_anchor(row, control_mean)
+
+        row = self.row(key)
+        if row is not None:
+            return own(row)
+        total = np.zeros(self.anchors.shape[1], dtype=self.anchors.dtype)
+        for name, dose in zip(*key):
+            singles = [(k[1][0], i) for k, i in self._row.items() if k[0] == (name,)]
+            if not singles:
+                continue
+            ref, i = min(singles, key=lambda s: abs(s[0] - dose))
+            total += own(i) * (dose / ref if ref else 1.0)
+        return total
+
+    def to_dict(self) -> list:
+        return [[list(names), list(doses)] for names, doses in self.keys]
+
+    def group_tensors(self) -> dict[str, np.ndarray]:
+        """The group tables as arrays (for safetensors; see :meth:`from_dict`)."""
+        n_genes = self.anchors.shape[1]
+        shift_keys = sorted(self.group_shifts)
+        groups = sorted(self.group_controls)
+        return {"shift_keys": np.array(shift_keys, dtype=np.int64).reshape(-1, 2),
+                "shifts": np.stack([self.group_shifts[k] for k in shift_keys]) if shift_keys
+                else np.zeros((0, n_genes), np.float32),
+                "control_groups": np.array(groups, dtype=np.int64),
+                "controls": np.stack([self.group_controls[g] for g in groups]) if groups
+                else np.zeros((0, n_genes), np.float32)}
+
+    @classmethod
+    def from_dict(cls, data: list, anchors: np.ndarray, groups: dict[str, np.ndarray] | None = None
+                  ) -> "ConditionTable":
+        keys = [(tuple(n), tuple(float(d) for d in ds)) for n, ds in data]
+        if not groups:
+            return cls(keys, anchors)
+        shifts = {(int(r), int(g)): v for (r, g), v in zip(groups["shift_keys"], groups["shifts"])}
+        controls = {int(g): v for g, v in zip(groups["control_groups"], groups["controls"])}
+        return cls(keys, anchors, shifts, controls)
+
+
+def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, x_mean_fn,
+                          n_genes: int, anchored: bool = True) -> tuple[ConditionTable, np.ndarray]:
+    """Index the cells' conditions and compute their anchors.
+
+    Parameters
+    ----------
+    keys
+        Condition key of each training cell.
+    groups
+        (n_cells,) covariate-group code of each cell (shifts are taken within a group).
+    x_mean_fn
+        ``x_mean_fn(cell_indices) -> (G,)`` mean expression of those cells.
+    n_genes
+        G.
+    anchored
+        Compute mean-shift anchors (else all zero).
+
+    Returns
+    -------
+    The table and the (n_cells,) condition row of every cell.
+    """
+    control = ((), ())
+    uniq = [control] + sorted(set(keys) - {control})
+    table_rows = {k: i for i, k in enumerate(uniq)}
+    cond_id = np.array([table_rows[k] for k in keys], dtype=np.int64)
+    anchors = np.zeros((len(uniq), n_genes), dtype=np.float32)
+    shifts: dict[tuple[int, int], np.ndarray] = {}
+    ctrl_means: dict[int, np.ndarray] = {}
+    if anchored:
+        ctrl_means = {int(g): x_mean_fn(idx) for g in np.unique(groups)
+                      if (idx := np.flatnonzero((cond_id == 0) & (groups == g))).size}
+        for row in range(1, len(uniq)):
+            mine = {g: x_mean_fn(np.flatnonzero((cond_id == row) & (groups == g))) - ctrl_means[g]
+                    for g in map(int, np.unique(groups[cond_id == row])) if g in ctrl_means}
+            if mine:
+                anchors[row] = np.mean(list(mine.values()), axis=0)
+            if len(mine) > 1:  # with one group its shift is the anchor, in every group
+                shifts.update({(row, g): v for g, v in mine.items()})
+    return ConditionTable(uniq, anchors, shifts, ctrl_means), cond_id

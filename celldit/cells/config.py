@@ -1,0 +1,233 @@
+"""Every setting of a CellDiT, in one place.
+
+:class:`CellDiTConfig` is what defines a model (registration of the AnnData, gene set,
+tokenizer, coupling, network size, flow and sampler settings); it is saved as
+``config.json`` in the model folder. :class:`CellFitConfig` is how it is trained (the
+arguments of :meth:`CellDiT.fit <celldit.cells.model.CellDiT.fit>`, with a nested
+``trainer`` section). Both are the one source of their defaults: the Python API
+(``CellDiT(adata, hidden_size=128)``), ``celldit fit --help``, ``--print-config`` and
+``config.json`` are generated from these classes, so a new setting is one field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..flow import RectifiedFlow
+from ..flow.sampling import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS
+from ..options import check_options, from_mapping, option
+from ..train.config import FitConfig, TrainerConfig
+
+__all__ = ["CellDiTConfig", "CellFitConfig", "SamplerConfig", "TOKENIZER_NAMES", "SOURCES"]
+
+TOKENIZER_NAMES = ("gene", "module", "latent")
+SOURCES = ("control", "noise")
+SOLVERS = (*FIXED_STEP_SOLVERS, "adaptive", *ADAPTIVE_SOLVERS)
+#: solver used when none is asked, by coupling: a control source moves cells a short way
+DEFAULT_SOLVER = {"control": ("euler", 20), "noise": ("heun", 50)}
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+@dataclass
+class SamplerConfig:
+    """How cells are sampled unless a call asks otherwise (the ``sampler`` section).
+
+    Attributes
+    ----------
+    method
+        ODE solver: euler, midpoint, heun, rk4, or adaptive (dopri5 ...); null: euler for a
+        control source, heun for a noise source.
+    steps
+        Solver steps; null: 20 for a control source, 50 for a noise source.
+    cfg_scale
+        Classifier-free guidance scale (1: none).
+    batch_size
+        Cells integrated at once.
+    """
+
+    method: str | None = option(None, choices=SOLVERS)
+    steps: int | None = option(None, ge=1)
+    cfg_scale: float = 1.0
+    batch_size: int = option(2048, ge=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    def solver(self, source: str) -> tuple[str, int]:
+        """The (method, steps) to use for a model with this ``source``."""
+        method, steps = DEFAULT_SOLVER[source]
+        return self.method or method, self.steps or steps
+
+
+@dataclass
+class CellDiTConfig:
+    """The settings that define a CellDiT.
+
+    Attributes
+    ----------
+    perturbation_key
+        obs column holding each cell's perturbation label.
+    control
+        Control label(s) in that column (one or a list).
+    covariate_keys
+        obs columns given to the model as context (cell type, donor ...); pairs share them.
+    delimiter
+        Separator of combined perturbations in a label (GEARS: A+B, A+ctrl).
+    dose_key
+        Optional obs column with each cell's dose.
+    pair_keys
+        obs columns that control/target pairs must share (a replicate, a batch); not model
+        inputs. With center, cells are modelled relative to their batch's control mean.
+    genes
+        Gene set: "all", "hvg" (n_top_genes highly variable genes), "var:COLUMN" (genes whose
+        boolean var column is true), or a list of gene names.
+    n_top_genes
+        Number of highly variable genes with genes="hvg".
+    tokenizer
+        "gene" (a token per gene), "module" (a token per gene module) or "latent" (a PCA
+        codec's latent split into tokens).
+    source
+        "control": the flow transports control cells (pairs within covariates and pair_keys);
+        "noise": the flow generates from Gaussian noise and a counterfactual inverts the
+        control cell to noise first.
+    anchor
+        Control source: start each flow at control cell + the condition's mean shift, so that
+        the untrained network predicts the mean shift and training learns the rest.
+    ot
+        Re-pair sources and targets within a block by exact minibatch optimal transport.
+    ot_dims
+        Leading principal components in which the OT cost is measured (null: all genes).
+    center
+        Model each cell relative to the control mean of its batch (its pair_keys values) and
+        centre new control cells on their own mean at prediction time.
+    perturbation_features
+        Prior features of perturbations, which let the model embed unseen ones: "expression"
+        (a measured target gene's profile across control cells, by PCA), a table
+        (.csv/.tsv/.parquet, first column the name; or a DataFrame in Python), or null.
+    modules
+        Module tokenizer's gene modules: "var:COLUMN" (a var column of labels), a .gmt file
+        of gene sets (MSigDB), a mapping of set name to genes (Python), or null to cluster
+        genes by co-expression.
+    n_modules
+        Number of clustered modules (null: ceil(G / 16)).
+    latent_dim
+        Latent tokenizer: width of the PCA codec.
+    token_dim
+        Latent tokenizer: latent values per token.
+    hidden_size
+        Transformer width.
+    depth
+        Transformer blocks.
+    num_heads
+        Attention heads.
+    mlp_ratio
+        MLP width as a multiple of hidden_size.
+    cfg_dropout
+        Probability of replacing a training cell's perturbation tokens by the null token (the
+        unconditional branch of classifier-free guidance; also a regulariser).
+    covariate_dropout
+        Probability of hiding a training block's covariates behind an "unknown" token; a
+        perturbation asked in a covariate group never trained with it is predicted that way.
+    flow
+        Rectified-flow settings (see celldit.flow.RectifiedFlow).
+    sampler
+        Default sampler settings (see SamplerConfig).
+    seed
+        Seed of module clustering, codec fitting and weight initialisation.
+    """
+
+    # registration of the AnnData
+    perturbation_key: str = "perturbation"
+    control: str | list[str] = "control"
+    covariate_keys: str | list[str] = option(default_factory=list)
+    delimiter: str = "+"
+    dose_key: str | None = None
+    pair_keys: str | list[str] = option(default_factory=list)
+    # genes
+    genes: str | list[str] = "all"
+    n_top_genes: int = option(2000, ge=1)
+    # model
+    tokenizer: str = option("module", choices=TOKENIZER_NAMES)
+    source: str = option("control", choices=SOURCES)
+    anchor: bool = True
+    ot: bool = True
+    ot_dims: int | None = option(32, ge=1)
+    center: bool = True
+    perturbation_features: Any = "expression"
+    modules: str | dict[str, list[str]] | None = None
+    n_modules: int | None = option(None, ge=1)
+    latent_dim: int = option(32, ge=1)
+    token_dim: int = option(4, ge=1)
+    hidden_size: int = option(64, ge=1, le=65536)
+    depth: int = option(2, ge=1, le=1024)
+    num_heads: int = option(4, ge=1)
+    mlp_ratio: float = option(4.0, gt=0, le=64)
+    cfg_dropout: float = option(0.2, ge=0, lt=1)
+    covariate_dropout: float = option(0.2, ge=0, lt=1)
+    flow: RectifiedFlow = option(default_factory=RectifiedFlow)
+    sampler: SamplerConfig = option(default_factory=SamplerConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.control = _as_list(self.control)
+        self.covariate_keys = _as_list(self.covariate_keys)
+        self.pair_keys = _as_list(self.pair_keys)
+        if not isinstance(self.genes, str):
+            self.genes = [str(g) for g in self.genes]
+        self.flow = from_mapping(RectifiedFlow, self.flow, "flow")
+        self.sampler = from_mapping(SamplerConfig, self.sampler, "sampler")
+        check_options(self)
+        if not self.control:
+            raise ValueError("CellDiTConfig: control needs at least one control label")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"CellDiTConfig: hidden_size={self.hidden_size} is not divisible by "
+                             f"num_heads={self.num_heads}")
+        if isinstance(self.genes, str) and self.genes not in ("all", "hvg") and not self.genes.startswith("var:"):
+            raise ValueError(f"CellDiTConfig: genes={self.genes!r}: use 'all', 'hvg', 'var:COLUMN' or a list of genes")
+
+    def replace(self, **changes: Any) -> CellDiTConfig:
+        """A copy with some fields changed (checked like a new one)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class CellFitConfig(FitConfig):
+    """How a CellDiT is trained (the arguments of ``CellDiT.fit``); the fields it shares with
+    :class:`~celldit.train.config.FitConfig` are documented there.
+
+    Attributes
+    ----------
+    batch_size
+        Cells per step (per process).
+    block_size
+        Cells per single-condition block of a batch (the unit of OT pairing).
+    seed
+        Seed of the batch draws and the training noise (null: the model's seed).
+    validation_fraction
+        Fraction of the perturbed cells of each condition (and of the controls) kept out of
+        training to score the model as it trains (0: no validation).
+    validation_every_n_steps
+        Period, in steps, of the validation score.
+    early_stopping_patience
+        Stop when the validation score has not improved for this many validations (null: never).
+    """
+
+    max_steps: int = option(1500, ge=1)
+    batch_size: int = option(256, ge=1)
+    block_size: int = option(64, ge=1)
+    lr: float = option(3e-4, gt=0, le=10.0)
+    warmup_steps: int = option(100, ge=0)
+    lr_schedule: str = option("cosine", choices=("constant", "cosine"))
+    ema_decay: float | None = option(0.999, ge=0, lt=1)
+    seed: int | None = None
+    validation_fraction: float = option(0.0, ge=0, lt=1)
+    validation_every_n_steps: int = option(100, ge=1)
+    early_stopping_patience: int | None = option(None, ge=1)
+    trainer: TrainerConfig = option(default_factory=TrainerConfig)

@@ -1,0 +1,224 @@
+"""Training data of a CellDiT: cells relative to their batch, and (source, target, condition) batches.
+
+:class:`CenteredRows` puts each cell relative to the control mean of its batch (e.g. its
+replicate). :class:`PairedBatches` draws batches of (source control cell, target cell,
+condition): each batch is made of blocks, a block holding target cells of one condition in
+one pairing group (same covariates, and e.g. the same replicate) and as many control cells
+of that group, moved by the condition's anchor and optionally re-paired by exact minibatch
+optimal transport (both from :mod:`celldit.flow.coupling`). :class:`CellDataModule` hands
+them to Lightning. Expression rows themselves come from
+:class:`~celldit.data.expression.ExpressionRows`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..data.expression import ExpressionRows
+from ..flow.coupling import anchored_source, ot_pair_blocks
+
+
+class CenteredRows:
+    """Expression rows minus the control mean of each cell's batch (``rows`` like :class:`ExpressionRows`).
+
+    Replicates and batches of a screen differ mostly by an offset of the whole batch, which
+    each batch's control cells measure. Working on ``x - mean(controls of its batch)`` puts
+    cells of a new batch (centred on their own controls) where the model was trained.
+
+    Parameters
+    ----------
+    expr
+        The uncentred rows.
+    centers
+        (n_batches, G) control mean of each batch.
+    batch
+        (n_cells,) batch code of each cell.
+    """
+
+    def __init__(self, expr: ExpressionRows, centers: np.ndarray, batch: np.ndarray):
+        self.expr, self.centers, self.batch = expr, centers.astype(np.float32), np.asarray(batch)
+        self.genes, self.n_obs, self.counts = expr.genes, expr.n_obs, expr.counts
+
+    @property
+    def n_vars(self) -> int:
+        return self.expr.n_vars
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        return self.expr.rows(idx) - self.centers[self.batch[idx]]
+
+    all_rows = ExpressionRows.all_rows
+
+
+class PairedBatches(IterableDataset):
+    """Batches of (source control cell, target cell, condition) for flow matching.
+
+    Parameters
+    ----------
+    expr
+        Expression rows of the cells.
+    cond_id, group_id
+        (n_cells,) condition code (row of ``pert_idx``) and pairing group of each cell.
+    cells
+        Indices of the cells to train on (targets and controls).
+    control_cond
+        Condition code of control cells.
+    pert_idx, pert_scale
+        (n_conditions, K) perturbation rows and dose scales of each condition.
+    cov_idx
+        (n_cells, C) covariate codes.
+    anchors
+        Optional (n_conditions, G) shift added to each source (the condition's mean shift):
+        the flow then learns what a mean shift misses.
+    include_control
+        Also train on control -> control pairs (needed by the noise source, which must
+        generate control cells).
+    batch_size, block_size
+        Cells per batch, and per single-condition block.
+    ot
+        Re-pair each block's sources and targets by exact OT (squared Euclidean cost).
+    ot_basis
+        Optional (G, k) basis: the OT cost is measured on the projections ``x @ ot_basis``
+        (e.g. the leading principal components, where cells differ in structure rather
+        than in per-gene noise).
+    steps
+        Batches per epoch.
+    seed
+        Seed of the draws (re-seeded per epoch).
+    fixed
+        Draw the same batches every epoch, with times ``t`` on a fixed grid (validation).
+    covariate_dropout, unknown_cov, cov_group, held_out_anchor
+        Hide the covariates of a block with probability ``covariate_dropout``: its cells
+        get the ``unknown_cov`` codes (C,) and, where ``held_out_anchor(cond, group)``
+        (``group`` from the (n_cells,) covariate-group codes ``cov_group``) gives one, the
+        anchor a covariate group never trained with the condition would get. Training then
+        poses the question asked of a held-out cell type.
+    """
+
+    def __init__(self, expr: ExpressionRows | CenteredRows, cond_id: np.ndarray, group_id: np.ndarray, cells: np.ndarray,
+                 control_cond: int, pert_idx: np.ndarray, pert_scale: np.ndarray, cov_idx: np.ndarray,
+                 anchors: np.ndarray | None = None, include_control: bool = False, batch_size: int = 256,
+                 block_size: int = 64, ot: bool = True, steps: int = 100, seed: int = 0,
+                 ot_basis: np.ndarray | None = None, covariate_dropout: float = 0.0,
+                 unknown_cov: np.ndarray | None = None, cov_group: np.ndarray | None = None,
+                 held_out_anchor=None, fixed: bool = False):
+        super().__init__()
+        self.expr, self.cov_idx = expr, cov_idx
+        self.pert_idx, self.pert_scale, self.anchors = pert_idx, pert_scale, anchors
+        self.ot_basis = None if ot_basis is None else np.asarray(ot_basis, dtype=np.float32)
+        self.batch_size, self.block_size, self.ot, self.steps, self.seed = batch_size, block_size, ot, steps, seed
+        self.epoch, self.fixed = 0, fixed
+        self.start_step = 0  # batches of the first epoch already trained (set when resuming)
+        cells = np.asarray(cells)
+        is_ctrl = cond_id[cells] == control_cond
+        self.controls = {g: cells[is_ctrl & (group_id[cells] == g)] for g in np.unique(group_id[cells])}
+        strata: dict[tuple[int, int], list[int]] = {}
+        for c in cells if include_control else cells[~is_ctrl]:
+            strata.setdefault((int(cond_id[c]), int(group_id[c])), []).append(c)
+        orphan = [k for k in strata if self.controls.get(k[1], np.empty(0)).size == 0]
+        if orphan:
+            warnings.warn(f"{sum(len(strata[k]) for k in orphan)} target cells have no control cell "
+                          "in their pairing group (same covariates / pairing keys) and are skipped", UserWarning,
+                          stacklevel=2)
+        self.strata = [(k, np.asarray(v)) for k, v in sorted(strata.items()) if k not in orphan]
+        if not self.strata:
+            raise ValueError("no training pairs: no target cell shares a pairing group with control cells")
+        sizes = np.array([len(v) for _, v in self.strata], dtype=np.float64)
+        self.weights = sizes / sizes.sum()
+        self.covariate_dropout = covariate_dropout if unknown_cov is not None and cov_idx.shape[1] else 0.0
+        self.unknown_cov = unknown_cov
+        self.hidden_anchor: dict[int, np.ndarray] = {}  # stratum -> anchor with its covariates hidden
+        if self.covariate_dropout and anchors is not None and held_out_anchor is not None:
+            for i, ((cond, _), members) in enumerate(self.strata):
+                a = held_out_anchor(cond, int(cov_group[members[0]]))
+                if a is not None:
+                    self.hidden_anchor[i] = a
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 0 if self.fixed else 1
+        for _ in range(self.start_step):  # resuming: the same stream, draws only (no reads)
+            self.draw(rng)
+        for _ in range(self.start_step, self.steps):
+            yield self.load(self.draw(rng))
+        self.start_step = 0
+
+    def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """One batch: ``x1`` targets, ``source`` (control cells, plus anchor), conditioning."""
+        return self.load(self.draw(rng))
+
+    def draw(self, rng: np.random.Generator) -> tuple[list, list, list, list]:
+        """The random part of a batch: per block, target and source cell indices, condition
+        and whether its covariates are hidden (its stratum, else -1)."""
+        tgt, src, conds, hidden = [], [], [], []
+        n = 0
+        while n < self.batch_size:
+            stratum = rng.choice(len(self.strata), p=self.weights)
+            (cond, group), members = self.strata[stratum]
+            b = min(self.block_size, self.batch_size - n, len(members))
+            t_idx = rng.choice(members, b, replace=False)
+            pool = self.controls[group]
+            s_idx = rng.choice(pool, b, replace=len(pool) < b)
+            tgt.append(t_idx), src.append(s_idx), conds.append(np.full(b, cond))
+            hidden.append(stratum if self.covariate_dropout and rng.random() < self.covariate_dropout else -1)
+            n += b
+        return tgt, src, conds, hidden
+
+    def load(self, drawn: tuple[list, list, list, list]) -> dict[str, torch.Tensor]:
+        """Read the drawn cells and build the batch (anchored sources, OT re-pairing)."""
+        tgt, src, conds, hidden = drawn
+        t_idx, s_idx, cond = np.concatenate(tgt), np.concatenate(src), np.concatenate(conds)
+        x1, x0 = self.expr.rows(t_idx), self.expr.rows(s_idx)
+        cov_idx = self.cov_idx[t_idx].copy()
+        if self.anchors is not None:
+            x0 = anchored_source(x0, self.anchors[cond])
+        start = 0
+        for block, stratum in zip(tgt, hidden):
+            sl = slice(start, start + len(block))
+            start += len(block)
+            if stratum >= 0:
+                cov_idx[sl] = self.unknown_cov
+                if stratum in self.hidden_anchor:  # the anchor of a group never trained with the condition
+                    x0[sl] += self.hidden_anchor[stratum] - self.anchors[cond[sl.start]]
+        if self.ot:
+            x0 = ot_pair_blocks(x0, x1, [len(block) for block in tgt], self.ot_basis)
+        batch = {
+            "x1": torch.from_numpy(x1),
+            "source": torch.from_numpy(x0),
+            "pert_idx": torch.from_numpy(self.pert_idx[cond]),
+            "pert_scale": torch.from_numpy(self.pert_scale[cond]),
+            "cov_idx": torch.from_numpy(cov_idx),
+        }
+        if self.fixed:  # times on a grid, so that the score moves only with the model
+            n = len(x1)
+            batch["t"] = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        return batch
+
+
+class CellDataModule(L.LightningDataModule):
+    """Lightning wrapper of a training :class:`PairedBatches`.
+
+    When Lightning resumes from a checkpoint, the global step is restored before the
+    dataloader is built; the batches then continue the same stream where it stopped.
+    """
+
+    def __init__(self, train: PairedBatches, validation: PairedBatches | None = None):
+        super().__init__()
+        self.train_set, self.val_set = train, validation
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is not None:
+            self.train_set.start_step = int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+        return DataLoader(self.train_set, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else DataLoader(self.val_set, batch_size=None)

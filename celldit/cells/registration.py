@@ -1,0 +1,191 @@
+"""Registration of an AnnData with a CellDiT: what the model learns from the data before training.
+
+:func:`register` reads the training cells once and returns a :class:`Registration`: the
+gene set, the expression rows (centred on their batch's controls), the conditions and their
+anchors, the perturbation vocabulary and prior features, the tokenizer's settings (gene
+modules or a codec sample), a bank of control cells for ``generate`` and the basis of the
+OT cost. Everything here is saved with the model except the rows themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from ..data.expression import ExpressionRows, select_genes
+from ..data.spec import PerturbationSpec
+from ..tokenizers import modules_from_correlation, modules_from_gene_sets, modules_from_labels
+from ..tokenizers.gene_module_builders import read_gmt
+from .anchors import ConditionTable, build_condition_table, cell_conditions
+from .config import CellDiTConfig
+from .dataset import CenteredRows
+from .priors import expression_gene_features, read_feature_table
+from .vocab import PerturbationVocab
+
+__all__ = ["BANK_PER_GROUP", "Registration", "group_codes", "register", "spec_of"]
+
+BANK_PER_GROUP = 500  # control cells per covariate group kept for generate() with a control source
+SAMPLE_CELLS = 20_000  # cells that fit the gene modules, the codec and the OT basis
+PRIOR_CELLS = 5_000  # control cells that build the expression prior features
+MAX_MODULE_SIZE = 64  # genes per module token (larger modules are split)
+
+
+def group_codes(frame: pd.DataFrame) -> np.ndarray:
+    """(n,) code of each row's combination of values (no columns -> all zeros)."""
+    if frame.shape[1] == 0:
+        return np.zeros(len(frame), dtype=np.int64)
+    return frame.astype(str).agg("\x1f".join, axis=1).factorize(sort=True)[0].astype(np.int64)
+
+
+def spec_of(config: CellDiTConfig) -> PerturbationSpec:
+    """The :class:`~celldit.data.spec.PerturbationSpec` of a model's registration settings."""
+    return PerturbationSpec(config.perturbation_key, config.control, config.delimiter, config.dose_key,
+                            tuple(config.covariate_keys))
+
+
+@dataclass
+class Registration:
+    """What :func:`register` learned from the training cells (see the module notes)."""
+
+    spec: PerturbationSpec
+    genes: list[str]
+    space: str
+    reference: torch.Tensor  # (G,) mean of all training controls
+    conditions: ConditionTable
+    trained_groups: list[str]  # "(condition row)\x1e(covariate values)" pairs with training cells
+    vocab: PerturbationVocab
+    prior: pd.DataFrame | None
+    tokenizer_kwargs: dict[str, Any]
+    bank_x: torch.Tensor  # (n_bank, G) control cells for generate()
+    bank_obs: pd.DataFrame
+    # training data (not saved)
+    rows: Any = None
+    cond_id: np.ndarray | None = None
+    pair_group: np.ndarray | None = None
+    cov_group: np.ndarray | None = None
+    cov_idx: np.ndarray | None = None
+    ot_basis: np.ndarray | None = None
+    x_sample: np.ndarray | None = field(default=None, repr=False)
+
+
+def register(adata: AnnData, config: CellDiTConfig) -> Registration:
+    """Read the training cells ``adata`` under ``config`` (see the module notes)."""
+    spec = spec_of(config)
+    spec.validate(adata)
+    for key in config.pair_keys:
+        spec._require_key(adata, key, "pair_keys")
+    genes = select_genes(adata, config.genes, config.n_top_genes)
+    expr = ExpressionRows(adata, genes)
+    space = "log1p_normalized" if expr.counts else "as_given"
+    ctrl = spec.control_mask(adata)
+    reference = torch.from_numpy(expr.all_rows(np.flatnonzero(ctrl)).mean(0))
+    rows = centred_rows(expr, adata, ctrl, list(config.pair_keys) if config.center else [])
+    keys = cell_conditions(adata.obs, spec)
+    cov_frame = spec.covariates(adata)
+    cov_group = group_codes(cov_frame)
+    pair_group = group_codes(pd.concat([cov_frame, adata.obs[list(config.pair_keys)].astype(str)], axis=1))
+    use_anchor = config.anchor and config.source == "control"
+    table, cond_id = build_condition_table(keys, cov_group, lambda idx: rows.all_rows(idx).mean(0),
+                                           len(genes), anchored=use_anchor)
+    cov_key = cov_frame.agg("\x1f".join, axis=1) if cov_frame.shape[1] else pd.Series("", index=cov_frame.index)
+    trained_groups = sorted({f"{c}\x1e{g}" for c, g in zip(cond_id, cov_key)})
+    ctrl_rows = np.flatnonzero(cond_id == 0)
+    rng = np.random.default_rng(config.seed)
+    sample = np.sort(rng.permutation(adata.n_obs)[:SAMPLE_CELLS])
+    x_sample = rows.all_rows(sample)
+    prior = prior_table(config.perturbation_features, rows.all_rows(ctrl_rows[:PRIOR_CELLS]), genes, config.seed)
+    vocab = PerturbationVocab.from_adata(adata, spec, extra=[] if prior is None else prior.index)
+    tok_kwargs = tokenizer_kwargs(config, adata, genes, x_sample)
+    bank_x, bank_obs = control_bank(rows, ctrl_rows, cov_frame, adata.obs_names, rng)
+    ot_basis = None
+    if config.ot and config.ot_dims:
+        from sklearn.decomposition import PCA
+
+        k = int(min(config.ot_dims, x_sample.shape[0] - 1, x_sample.shape[1]))
+        ot_basis = PCA(k, random_state=config.seed).fit(x_sample).components_.T.astype(np.float32)  # (G, k)
+    return Registration(spec, genes, space, reference, table, trained_groups, vocab, prior, tok_kwargs, bank_x,
+                        bank_obs, rows, cond_id, pair_group, cov_group, vocab.encode_covariates(cov_frame), ot_basis,
+                        x_sample)
+
+
+def centred_rows(expr: ExpressionRows, adata: AnnData, ctrl: np.ndarray, keys: list[str]):
+    """Rows relative to their batch's control mean (batches: the values of ``keys``);
+    ``expr`` itself without keys."""
+    if not keys:
+        return expr
+    batch = group_codes(adata.obs[keys].astype(str))
+    values = adata.obs[keys].astype(str).agg("/".join, axis=1).to_numpy()
+    centers = []
+    for b in range(batch.max() + 1):
+        rows = np.flatnonzero((batch == b) & ctrl)
+        if rows.size == 0:
+            raise ValueError(f"batch {values[batch == b][0]!r} of pair_keys {keys} has no control cells to "
+                             "centre on; set center=False (--center false) or drop that batch")
+        centers.append(expr.all_rows(rows).mean(0))
+    return CenteredRows(expr, np.stack(centers), batch)
+
+
+def prior_table(features: Any, x_ctrl: np.ndarray, genes: list[str], seed: int) -> pd.DataFrame | None:
+    """Prior features of perturbations (see ``CellDiTConfig.perturbation_features``)."""
+    if features is None:
+        return None
+    if isinstance(features, str) and features == "expression":
+        return expression_gene_features(x_ctrl, genes, seed=seed)
+    if isinstance(features, (str, Path, pd.DataFrame)):
+        return read_feature_table(features)
+    raise ValueError(f"perturbation_features={features!r}: use 'expression', a table path, a DataFrame or None")
+
+
+def gene_modules(modules: Any, adata: AnnData, genes: list[str], n_modules: int | None, x_sample: np.ndarray,
+                 seed: int) -> list[list[int]]:
+    """The module tokenizer's partition of ``genes`` (see ``CellDiTConfig.modules``)."""
+    if isinstance(modules, str) and modules.endswith(".gmt"):
+        return modules_from_gene_sets(genes, read_gmt(modules), max_size=MAX_MODULE_SIZE)
+    if isinstance(modules, str):
+        column = modules[4:] if modules.startswith("var:") else modules
+        if column not in adata.var.columns:
+            raise ValueError(f"modules={modules!r}: {column!r} is not a column of adata.var; use var:COLUMN, "
+                             "a .gmt file of gene sets, or None to cluster genes by co-expression")
+        labels = adata.var.loc[genes, column].astype(str).to_numpy()
+        return modules_from_labels(labels, max_size=MAX_MODULE_SIZE)
+    if isinstance(modules, Mapping):
+        return modules_from_gene_sets(genes, modules, max_size=MAX_MODULE_SIZE)
+    if modules is not None:
+        raise ValueError(f"modules={modules!r}: use var:COLUMN, a .gmt file, a mapping of gene sets or None")
+    return modules_from_correlation(x_sample, n_modules or math.ceil(len(genes) / 16), max_size=MAX_MODULE_SIZE,
+                                    seed=seed)
+
+
+def tokenizer_kwargs(config: CellDiTConfig, adata: AnnData, genes: list[str], x_sample: np.ndarray) -> dict:
+    """Constructor arguments of the model's tokenizer (``TOKENIZERS[config.tokenizer]``)."""
+    G, D = len(genes), config.hidden_size
+    if config.tokenizer == "gene":
+        return {"n_genes": G, "hidden_size": D}
+    if config.tokenizer == "latent":
+        return {"n_genes": G, "hidden_size": D, "latent_dim": min(config.latent_dim, G, len(x_sample) - 1),
+                "token_dim": config.token_dim}
+    groups = gene_modules(config.modules, adata, genes, config.n_modules, x_sample, config.seed)
+    return {"n_genes": G, "hidden_size": D, "modules": [list(map(int, m)) for m in groups]}
+
+
+def control_bank(rows, ctrl_rows: np.ndarray, cov_frame: pd.DataFrame, names, rng: np.random.Generator
+                 ) -> tuple[torch.Tensor, pd.DataFrame]:
+    """Up to :data:`BANK_PER_GROUP` control cells per covariate group (sources for generate())."""
+    groups = cov_frame.iloc[ctrl_rows]
+    members = (groups.groupby(list(groups.columns), observed=True).indices.items() if groups.shape[1]
+               else [(0, np.arange(len(ctrl_rows)))])
+    keep = []
+    for _, idx in members:
+        keep.extend(rng.permutation(ctrl_rows[idx])[:BANK_PER_GROUP])
+    keep = np.sort(np.asarray(keep, dtype=np.int64))
+    bank_obs = cov_frame.iloc[keep].reset_index(drop=True)
+    bank_obs.index = np.asarray(names)[keep].astype(str)
+    return torch.from_numpy(rows.all_rows(keep)), bank_obs

@@ -1,0 +1,271 @@
+"""Sampling of a :class:`~celldit.cells.model.CellDiT`: counterfactual and generated cells as AnnData.
+
+Time runs from t = 0 (the source: a control cell, or noise) to t = 1 (a cell under the
+asked condition).
+
+* Control source: ``x(0) = control cell + anchor(P)``, integrated to t = 1 under P.
+* Noise source: the control cell is first inverted to noise under the control condition
+  (t = 1 -> 0), then integrated forward under P; ``generate`` starts from fresh noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from ..data.expression import ExpressionRows
+from ..flow import anchored_source, integrate, velocity_fn
+from .vocab import parse_condition
+
+__all__ = ["CellSampler"]
+
+
+class CellSampler:
+    """Counterfactual and generated cells of a trained model (composition: it reads the
+    model's network, settings, vocabulary and anchors, and changes none of them).
+
+    Parameters
+    ----------
+    model
+        A :class:`~celldit.cells.model.CellDiT`.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.config = model.config
+        self.network, self.spec, self.vocab = model.network, model.spec, model.vocab
+        self.conditions, self.genes = model.conditions, model.genes
+
+    # ------------------------------------------------------------------ conditions
+    def _condition(self, label: str, dose: Any, x: torch.Tensor, cov: pd.DataFrame
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Label (+ dose) for sources ``x`` (n, G) with covariates ``cov`` ->
+        (pert_idx (1, K), pert_scale (1, K), anchors (n, G)).
+
+        A source whose covariate group never trained this condition gets the group-weighted
+        anchor of its group (see :class:`~celldit.data.conditions.ConditionTable`), its
+        group's mean being the mean of those sources."""
+        key = parse_condition(str(label), dose, self.spec)
+        pert_idx, pert_scale = self.vocab.encode_conditions([key[0]], [key[1]])
+        n = x.shape[0]
+        if not (self.config.anchor and self.config.source == "control"):
+            return pert_idx, pert_scale, np.zeros((n, len(self.genes)), np.float32)
+        anchors = np.repeat(self.conditions.anchor(key)[None], n, axis=0)
+        unseen = self._unseen_groups(label, dose, cov)
+        if unseen.any():
+            groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
+            for g in np.unique(groups[unseen]):
+                rows = np.flatnonzero(groups == g)
+                anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy())
+        return pert_idx, pert_scale, anchors
+
+    def _solver(self, steps: int | None, method: str | None) -> tuple[str, int]:
+        m, s = self.config.sampler.solver(self.config.source)
+        return method or m, steps or s
+
+    def _transport(self, x: torch.Tensor, pert: tuple[np.ndarray, np.ndarray, np.ndarray], cov_idx: np.ndarray,
+                   steps: int | None, method: str | None, cfg_scale: float, batch_size: int,
+                   reverse: bool = False) -> torch.Tensor:
+        """Integrate sources ``x`` (control cells for a control source, else noise) from
+        t = 0 to 1 under condition ``pert``; ``reverse``: from t = 1 back to 0 (inversion)."""
+        method, steps = self._solver(steps, method)
+        net, flow = self.network.eval(), self.config.flow
+        n = x.shape[0]
+        out = []
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                sl = slice(start, min(n, start + batch_size))
+                b = sl.stop - sl.start
+                cov = torch.from_numpy(cov_idx[sl])
+
+                def cond_of(drop=False):
+                    return {"pert_idx": torch.from_numpy(pert[0]).expand(b, -1), "pert_scale":
+                            torch.from_numpy(pert[1]).expand(b, -1), "cov_idx": cov,
+                            "drop": torch.full((b,), drop, dtype=torch.bool)}
+
+                v = velocity_fn(net, flow, cond_of(), cond_of(drop=True), cfg_scale=cfg_scale)
+                x0 = x[sl]
+                if self.config.source == "control":
+                    x0 = anchored_source(x0, torch.from_numpy(pert[2][sl]))
+                out.append(integrate(v, x0, 1.0, 0.0, steps=steps, method=method) if reverse
+                           else integrate(v, x0, 0.0, 1.0, steps=steps, method=method))
+        return torch.cat(out) if out else x.new_zeros((0, x.shape[1]))
+
+    def _invert(self, x: torch.Tensor, cov_idx: np.ndarray, steps: int | None, method: str | None,
+                batch_size: int) -> torch.Tensor:
+        """Noise source: carry cells back to their noise under the control condition."""
+        ctrl = self.vocab.encode_conditions([frozenset()])
+        zero = np.zeros((x.shape[0], x.shape[1]), np.float32)
+        return self._transport(x, (*ctrl, zero), cov_idx, steps, method, 1.0, batch_size, reverse=True)
+
+    # ------------------------------------------------------------------ results
+    def _result(self, x: torch.Tensor, obs: pd.DataFrame) -> AnnData:
+        out = AnnData(X=x.numpy().astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(self.genes)))
+        space = self.model.space
+        out.uns["celldit"] = {"space": space, "target_sum": 1e4 if space == "log1p_normalized" else None,
+                              "source": self.config.source, "tokenizer": self.config.tokenizer,
+                              "perturbation_key": self.spec.perturbation_key}
+        return out
+
+    def _labels_obs(self, label: str, dose: Any, cov: pd.DataFrame, index: Sequence[str]) -> pd.DataFrame:
+        obs = pd.DataFrame(index=pd.Index([str(i) for i in index]))
+        obs[self.spec.perturbation_key] = str(label)
+        for key in self.spec.covariate_keys:
+            obs[key] = cov[key].astype(str).to_numpy()
+        if self.spec.dose_key is not None:
+            obs[self.spec.dose_key] = dose
+        return obs
+
+    # ------------------------------------------------------------------ public
+    def counterfactual(self, adata_control: AnnData, perturbation: str | Sequence[str], *, dose: Any = None,
+                       steps: int | None = None, method: str | None = None, cfg_scale: float | None = None,
+                       seed: int = 0, batch_size: int | None = None) -> AnnData:
+        """What the control cells of ``adata_control`` would look like under each perturbation.
+
+        Parameters
+        ----------
+        adata_control
+            Cells with (at least) the model's genes, as counts or log-normalised. When it
+            has the perturbation key, only its control cells are used. Needs the
+            registered covariate columns.
+        perturbation
+            A label (``"STAT1"``, ``"A+B"``, a control label) or a list of labels.
+        dose
+            Dose for every perturbation of the label (or ``"d1+d2"``), when a dose key is registered.
+        steps, method
+            ODE solver (default: the model's ``sampler`` settings; Euler, 20 steps for the
+            control source and Heun, 50 for noise unless set).
+        cfg_scale
+            Classifier-free guidance scale (default: the model's ``sampler.cfg_scale``).
+        seed
+            Seed (used by models that draw noise).
+        batch_size
+            Cells integrated at once (default: the model's ``sampler.batch_size``).
+
+        Returns
+        -------
+        AnnData, one cell per (control cell, perturbation): ``X`` in the model's expression
+        space over the training genes, ``obs`` with the registered keys and
+        ``obs['celldit_source']`` (the control cell's name).
+        """
+        cfg_scale = self.config.sampler.cfg_scale if cfg_scale is None else cfg_scale
+        batch_size = batch_size or self.config.sampler.batch_size
+        labels = [perturbation] if isinstance(perturbation, str) else list(perturbation)
+        if not labels:
+            raise ValueError("perturbation: give at least one label")
+        controls = self._controls_of(adata_control)
+        try:
+            rows = ExpressionRows(controls, self.genes)
+        except ValueError as err:
+            raise ValueError(f"the input's genes do not match the model's ({len(self.genes)} genes): {err}") from None
+        x = torch.from_numpy(rows.all_rows())
+        offset = self._input_centers(controls, x)
+        x = x - offset
+        cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
+        cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
+        torch.manual_seed(seed)
+        # noise source: invert once under the control condition, then generate under each label
+        source = x if self.config.source == "control" else self._invert(x, cov_idx, steps, method, batch_size)
+        parts, obs = [], []
+        for label in labels:
+            pert = self._condition(label, dose, x, cov)
+            codes = self._covariate_codes(label, dose, cov, cov_idx)
+            parts.append(self._transport(source, pert, codes, steps, method, cfg_scale, batch_size) + offset)
+            o = self._labels_obs(label, dose, cov, [f"{c}-{label}" for c in controls.obs_names])
+            o["celldit_source"] = controls.obs_names.astype(str).to_numpy()
+            obs.append(o)
+        return self._result(torch.cat(parts), pd.concat(obs))
+
+    def _covariate_codes(self, label: str, dose: Any, cov: pd.DataFrame, cov_idx: np.ndarray) -> np.ndarray:
+        """Covariate codes for condition ``label``: a cell whose covariate group never saw
+        this (trained) condition gets the "unknown" codes, which a model trained with
+        ``covariate_dropout`` learned to use (prediction from the cell's state)."""
+        if not self.config.covariate_dropout:
+            return cov_idx
+        unknown = np.array([len(v) for v in self.vocab.covariates.values()], dtype=cov_idx.dtype)
+        return np.where(self._unseen_groups(label, dose, cov)[:, None], unknown[None, :], cov_idx)
+
+    def _unseen_groups(self, label: str, dose: Any, cov: pd.DataFrame) -> np.ndarray:
+        """(n,) bool: the cell's covariate group never trained the (trained) condition ``label``."""
+        row = self.conditions.row(parse_condition(str(label), dose, self.spec))
+        if not self.spec.covariate_keys or row is None:
+            return np.zeros(len(cov), dtype=bool)
+        groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
+        trained = set(self.model.trained_groups)
+        return np.array([f"{row}\x1e{g}" not in trained for g in groups], dtype=bool)
+
+    def _input_centers(self, controls: AnnData, x: torch.Tensor) -> torch.Tensor:
+        """(n, G) offset of each input cell: the mean of the input's control cells of its
+        batch (values of the pair keys, when the input has them) for a centred model, else 0."""
+        if not (self.config.center and self.config.pair_keys):
+            return torch.zeros_like(x)
+        keys = [k for k in self.config.pair_keys if k in controls.obs.columns]
+        batch = controls.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys else np.zeros(len(x))
+        offset = torch.empty_like(x)
+        for b in np.unique(batch):
+            m = torch.from_numpy(batch == b)
+            offset[m] = x[m].mean(0)
+        return offset
+
+    def _controls_of(self, adata: AnnData) -> AnnData:
+        key = self.spec.perturbation_key
+        if key not in adata.obs.columns:
+            return adata
+        mask = self.spec.control_mask(adata)
+        if not mask.any():
+            raise ValueError(f"no control cells in the input: none has obs[{key!r}] in {list(self.spec.control_labels)}")
+        return adata[mask]
+
+    def generate(self, condition: str | Mapping[str, Any], n: int = 100, *, steps: int | None = None,
+                 method: str | None = None, cfg_scale: float | None = None, seed: int = 0) -> AnnData:
+        """``n`` new cells under ``condition``.
+
+        Parameters
+        ----------
+        condition
+            A perturbation label, or a mapping with the perturbation key (and the covariate
+            keys, and the dose key when registered), e.g. ``{"condition": "A+B"}``.
+        n
+            Number of cells.
+        steps, method, cfg_scale
+            Solver and guidance (see :meth:`counterfactual`).
+        seed
+            Seed of the noise (noise source) or of the control cells drawn from the bank
+            of training controls saved with the model (control source).
+        """
+        cfg_scale = self.config.sampler.cfg_scale if cfg_scale is None else cfg_scale
+        batch_size = self.config.sampler.batch_size
+        cond = {self.spec.perturbation_key: condition} if isinstance(condition, str) else dict(condition)
+        if self.spec.perturbation_key not in cond:
+            raise KeyError(f"condition needs the perturbation key {self.spec.perturbation_key!r}")
+        missing = [k for k in self.spec.covariate_keys if k not in cond]
+        if missing:
+            raise KeyError(f"condition needs a value for the covariate(s) {missing} registered with the model")
+        label, dose = cond[self.spec.perturbation_key], cond.get(self.spec.dose_key) if self.spec.dose_key else None
+        gen = torch.Generator().manual_seed(seed)
+        cov = pd.DataFrame({k: [str(cond[k])] * n for k in self.spec.covariate_keys}, index=range(n))
+        cov_idx = self._covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=n))
+        bank_x, bank_obs = self.model.bank_x, self.model.bank_obs
+        if self.config.source == "noise":
+            x0 = self.network.source_noise((n, len(self.genes)), generator=gen)
+            pert = self._condition(label, dose, x0, cov)
+            x = self._transport(x0, pert, cov_idx, steps, method, cfg_scale, batch_size)
+        else:
+            match = np.ones(len(bank_obs), dtype=bool)
+            for k in self.spec.covariate_keys:
+                match &= bank_obs[k].astype(str).to_numpy() == str(cond[k])
+            if not match.any():
+                raise ValueError(f"no training control cells with {', '.join(f'{k}={cond[k]!r}' for k in self.spec.covariate_keys)}"
+                                 " to start from; use counterfactual() with control cells of that group")
+            pool = np.flatnonzero(match)
+            pick = pool[torch.randint(len(pool), (n,), generator=gen).numpy()]
+            x0 = bank_x[pick]
+            x = self._transport(x0, self._condition(label, dose, x0, cov), cov_idx, steps, method, cfg_scale, batch_size)
+        if self.config.center and self.config.pair_keys:  # the model's cells are relative to their batch's controls
+            x = x + self.model.reference
+        return self._result(x, self._labels_obs(label, dose, cov, [f"celldit-{i}" for i in range(n)]))

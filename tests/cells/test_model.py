@@ -1,0 +1,413 @@
+"""CellDiT end to end with tiny models: what is learned, identities, save/load, errors, results.
+
+The planted data set: 24 genes in log space (X used as given); control cells ~ N(mu, 0.3^2)
+and perturbation P cells with a bimodal response on genes 0-3 (half the cells +3, half 0:
+a mean shift of +1.5 and a far wider spread).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from anndata import AnnData
+
+from conftest import make_adata
+
+from celldit.cells import CellDiT, CellFitConfig
+
+G, N_CTRL, N_P = 24, 200, 200
+SHIFTED = slice(0, 4)
+TINY = {"hidden_size": 32, "depth": 1, "num_heads": 4}
+FIT = {"batch_size": 128, "block_size": 64, "warmup_steps": 20, "ema_decay": None,
+       "trainer": {"progress_bar": False, "logger": None}}
+
+
+def planted_adata(seed: int = 0) -> AnnData:
+    mu = np.random.default_rng(seed).uniform(1.5, 3.0, G)
+    return make_adata({"control": N_CTRL, "P": N_P}, G, space="log", level=mu, spread=0.3, sparse=False,
+                      effects={"P": dict.fromkeys(range(4), 3.0)}, penetrance={"P": 0.5}, seed=seed)
+
+
+def build(adata: AnnData, **kwargs) -> CellDiT:
+    """A tiny CellDiT (log-space X: the 'used as given' warning is expected and silenced)."""
+    kw = dict(TINY, tokenizer="module", perturbation_features=None)
+    kw.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return CellDiT(adata, **kw)
+
+
+def counterfactual(model: CellDiT, adata: AnnData, label, **kwargs) -> AnnData:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return model.counterfactual(adata, label, **kwargs)
+
+
+def jiggle(model: CellDiT, seed: int = 0, scale: float = 0.1) -> CellDiT:
+    """Random trainable weights, so that outputs depend on every weight (the untrained
+    adaLN-Zero network outputs exactly zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.network.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted() -> AnnData:
+    return planted_adata()
+
+
+@pytest.fixture(scope="module")
+def control_model(planted) -> CellDiT:
+    """Control source without anchors: the network has to learn the shift (~5 s)."""
+    return build(planted, source="control", anchor=False).fit(max_steps=300, lr=2e-3, **FIT)
+
+
+@pytest.fixture(scope="module")
+def noise_model(planted) -> CellDiT:
+    """Noise source (~10 s)."""
+    return build(planted, source="noise").fit(max_steps=500, lr=4e-3, **dict(FIT, batch_size=256))
+
+
+# -- what is learned -------------------------------------------------------------------------
+def test_control_source_learns_the_planted_bimodal_shift(control_model, planted):
+    assert control_model.is_trained and np.isfinite(control_model.history["final_loss"])
+    x = planted.X
+    truth = x[N_CTRL:].mean(0) - x[:N_CTRL].mean(0)
+    out = counterfactual(control_model, planted[:N_CTRL], "P").X
+    err = out.mean(0) - x[:N_CTRL].mean(0) - truth
+    assert np.abs(err[SHIFTED]).max() < 0.25, err
+    assert np.abs(err[4:]).max() < 0.15, err
+    # more than a mean shift: the response is bimodal (true sd ~1.5, a shifted control ~0.3)
+    assert out[:, SHIFTED].std(0).min() > 1.0
+    high = out[:, SHIFTED].mean(1) > x[:N_CTRL, SHIFTED].mean() + 1.5
+    assert 0.35 < high.mean() < 0.65
+
+
+def test_untrained_anchor_model_is_the_mean_shift(planted):
+    model = build(planted, source="control", anchor=True)
+    ctrl = planted[:N_CTRL]
+    shift = planted.X[N_CTRL:].mean(0) - planted.X[:N_CTRL].mean(0)
+    np.testing.assert_allclose(model.conditions.anchor((("P",), (1.0,))), shift, atol=1e-5)
+    np.testing.assert_allclose(counterfactual(model, ctrl, "P").X, ctrl.X + shift, atol=1e-5)
+    gen = model.generate("P", n=50, seed=3).X  # bank controls + shift
+    bank = model.bank_x.numpy()
+    dist = np.abs((gen - shift)[:, None, :] - bank[None]).max(-1).min(1)
+    assert dist.max() < 1e-5
+    # the anchor-free model starts at the identity
+    np.testing.assert_array_equal(counterfactual(build(planted, anchor=False), ctrl, "P").X, ctrl.X)
+
+
+def test_noise_source_generates_the_planted_mean(noise_model, planted):
+    truth = planted.X[N_CTRL:].mean(0)
+    err = noise_model.generate("P", n=1000, seed=0).X.mean(0) - truth
+    assert np.abs(err[SHIFTED]).max() < 0.3, err
+    assert np.abs(err[4:]).max() < 0.15, err
+    err_ctrl = noise_model.generate("control", n=1000, seed=1).X.mean(0) - planted.X[:N_CTRL].mean(0)
+    assert np.abs(err_ctrl).max() < 0.15, err_ctrl
+    # a counterfactual inverts the controls to noise, then generates under P
+    err_cf = counterfactual(noise_model, planted[:N_CTRL], "P").X.mean(0) - truth
+    assert np.abs(err_cf[SHIFTED]).max() < 0.3 and np.abs(err_cf[4:]).max() < 0.15, err_cf
+
+
+# -- control maps to itself --------------------------------------------------------------------
+def test_control_label_is_the_identity_for_the_control_source(control_model, planted):
+    ctrl = planted[:N_CTRL]
+    guided = jiggle(build(planted, source="control", anchor=True, cfg_dropout=0.1))
+    for model in (control_model, guided):
+        for cfg in (1.0, 2.5):  # guided too: the unconditional branch of a control label is still 0
+            out = counterfactual(model, ctrl, "control", cfg_scale=cfg)
+            np.testing.assert_allclose(out.X, ctrl.X, rtol=0, atol=1e-6)
+        moved = counterfactual(model, ctrl, "P").X  # while P does move them
+        assert np.abs(moved[:, SHIFTED] - ctrl.X[:, SHIFTED]).mean() > 0.5
+    more = counterfactual(guided, ctrl, "P", cfg_scale=2.5).X
+    assert np.abs(more - counterfactual(guided, ctrl, "P").X).max() > 1e-3  # guidance acts on P
+
+
+def test_noise_source_inversion_round_trip(noise_model, planted):
+    ctrl = planted[:N_CTRL]
+    for method, steps in (("rk4", 20), ("heun", 50)):
+        out = counterfactual(noise_model, ctrl, "control", method=method, steps=steps).X
+        err = np.abs(out - ctrl.X)
+        assert err.mean() < 1e-3 and err.max() < 1e-2, (method, err.mean(), err.max())  # measured ~5e-7, 3e-5
+    # the field is not trivial: a coarse Euler round trip does not close
+    coarse = counterfactual(noise_model, ctrl, "control", method="euler", steps=5).X
+    assert np.abs(coarse - ctrl.X).mean() > 0.01
+
+
+# -- save / load -------------------------------------------------------------------------------
+def gene_pert_adata(seed: int = 1) -> AnnData:
+    """Planted-like data whose perturbations are genes (so expression priors cover them)."""
+    adata = planted_adata(seed)
+    labels = np.array(["control"] * N_CTRL + ["g2"] * (N_P // 2) + ["g3"] * (N_P // 2), dtype=object)
+    adata.obs["perturbation"] = labels
+    return adata
+
+
+@pytest.mark.parametrize("source", ["control", "noise"])
+@pytest.mark.parametrize("tokenizer", ["gene", "module", "latent"])
+def test_save_load_round_trip(tmp_path, tokenizer, source):
+    adata = gene_pert_adata()
+    model = jiggle(build(adata, tokenizer=tokenizer, source=source, perturbation_features="expression",
+                         latent_dim=12, token_dim=4))
+    assert model.prior_dim > 0
+    ctrl = adata[:40]
+    kw = {"steps": 4} if source == "noise" else {}
+    before = counterfactual(model, ctrl, ["g2", "g7"], **kw)  # g7: a prior-only perturbation
+    gen_before = model.generate("g3", n=30, seed=5, **kw)
+    if source == "control":  # the weights matter (an untrained network would give control + anchor)
+        anchor = model.conditions.anchor((("g2",), (1.0,)))
+        assert np.abs(before.X[:40] - (ctrl.X + anchor)).max() > 1e-3
+    path = model.save(tmp_path / "model")
+    assert {p.name for p in path.iterdir()} >= {"model.safetensors", "config.json", "genes.json", "vocab.json"}
+    assert json.loads((path / "genes.json").read_text()) == model.genes
+    with pytest.raises(FileExistsError):
+        model.save(path)
+    loaded = CellDiT.load(path)
+    assert loaded.genes == model.genes and loaded.vocab == model.vocab and loaded.space == model.space
+    after = counterfactual(loaded, ctrl, ["g2", "g7"], **kw)
+    np.testing.assert_allclose(after.X, before.X, rtol=0, atol=1e-6)
+    assert after.obs.equals(before.obs)
+    np.testing.assert_allclose(loaded.generate("g3", n=30, seed=5, **kw).X, gen_before.X, rtol=0, atol=1e-6)
+    assert not np.allclose(model.generate("g3", n=30, seed=6, **kw).X, gen_before.X)  # the seed matters
+    model.save(path, overwrite=True)
+
+
+def test_trained_model_save_load(tmp_path, control_model, planted):
+    path = control_model.save(tmp_path / "trained")
+    loaded = CellDiT.load(path)
+    assert loaded.is_trained and loaded.config.anchor is False
+    ctrl = planted[:N_CTRL]
+    np.testing.assert_allclose(counterfactual(loaded, ctrl, "P").X, counterfactual(control_model, ctrl, "P").X,
+                               rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(loaded.generate("P", n=20, seed=2).X, control_model.generate("P", n=20, seed=2).X)
+
+
+# -- errors ------------------------------------------------------------------------------------
+def counts_adata(seed: int = 0, n_genes: int = 12) -> AnnData:
+    """Counts with two cell types and two replicates; perturbations P (raises g1) and Q."""
+    rng = np.random.default_rng(seed + 100)
+    level = rng.uniform(1, 8, n_genes)
+    return make_adata({"control": 24, "P": 16, "Q": 16}, n_genes, effects={"P": {1: 1.6}}, level=level, sparse=False,
+                      obs={"cell_type": ["T", "B"], "replicate": rng.permutation(np.repeat(["r1", "r2"], 28))},
+                      seed=seed)
+
+
+def test_inputs_are_checked_with_named_errors():
+    adata = counts_adata()
+    model = build(adata, covariate_keys=["cell_type"], pair_keys=["replicate"])
+    ctrl = adata[adata.obs["perturbation"] == "control"]
+    with pytest.raises(ValueError, match="'g3'"):
+        model.counterfactual(ctrl[:, [g for g in adata.var_names if g != "g3"]], "P")
+    with pytest.raises(KeyError, match="'NOPE'"):
+        model.counterfactual(ctrl, "NOPE")
+    with pytest.raises(KeyError, match="'NOPE'"):
+        model.counterfactual(ctrl, "P+NOPE")
+    with pytest.raises(KeyError, match="'NOPE'"):
+        model.generate({"perturbation": "NOPE", "cell_type": "T"})
+    with pytest.raises(ValueError, match="no control cells in the input"):
+        model.counterfactual(adata[adata.obs["perturbation"] == "P"], "Q")
+    with pytest.raises(KeyError, match="'cell_type'"):
+        model.generate("P", n=3)
+    with pytest.raises(ValueError, match="'cell_type'"):
+        model.counterfactual(AnnData(ctrl.X, var=ctrl.var), "P")  # no covariate column
+    bad = ctrl.copy()
+    bad.X[2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.counterfactual(bad, "P")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"perturbation_key": "treatment"}, "'treatment'"),
+    ({"covariate_keys": ["donor"]}, "'donor'"),
+    ({"pair_keys": ["batch"]}, "'batch'"),
+    ({"control": "ctrl"}, "'ctrl'"),
+])
+def test_registration_errors_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(counts_adata(), **kwargs)
+
+
+def test_registration_needs_control_cells_and_finite_values():
+    adata = counts_adata()
+    with pytest.raises(ValueError, match="control"):
+        build(adata[adata.obs["perturbation"] != "control"].copy())
+    bad = adata.copy()
+    bad.X[5, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        build(bad)
+
+
+# -- unseen perturbations ----------------------------------------------------------------------
+def test_unseen_perturbation_with_user_prior_features():
+    adata = counts_adata()
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.standard_normal((3, 8)), index=["P", "Q", "NEW"])
+    model = jiggle(build(adata, covariate_keys=["cell_type"], perturbation_features=table))
+    assert model.vocab.perturbations == ["P", "Q", "NEW"] and list(model.vocab.seen_mask) == [True, True, False]
+    ctrl = adata[adata.obs["perturbation"] == "control"]
+    out = model.counterfactual(ctrl, ["NEW", "P+NEW"])
+    assert out.n_obs == 2 * ctrl.n_obs and np.isfinite(out.X).all()
+    assert np.abs(out.X[: ctrl.n_obs] - model.counterfactual(ctrl, "control").X).max() > 1e-3  # NEW does something
+    with pytest.raises(KeyError, match="'ELSEWHERE'"):
+        model.counterfactual(ctrl, "ELSEWHERE")
+
+
+# -- results -----------------------------------------------------------------------------------
+def test_results_anndata_and_anchors_within_covariates():
+    adata = counts_adata()
+    genes = ["g5", "g1", "g9", "g0"]
+    model = build(adata, genes=genes, covariate_keys=["cell_type"], pair_keys=["replicate"], anchor=True,
+                  center=False)  # uncentred: the anchor is the plain mean shift (centring: see below)
+    assert model.genes == genes and model.space == "log1p_normalized"
+    # hand-made anchors: mean(P) - mean(control) per cell type, averaged over cell types
+    c = adata.X.astype(np.float64)
+    logx = pd.DataFrame(np.log1p(1e4 * c / c.sum(1, keepdims=True)), columns=adata.var_names)[genes].to_numpy()
+    lab, ct = adata.obs["perturbation"].to_numpy(), adata.obs["cell_type"].to_numpy()
+    anchor = np.mean([logx[(lab == "P") & (ct == t)].mean(0) - logx[(lab == "control") & (ct == t)].mean(0)
+                      for t in ("B", "T")], axis=0)
+    assert anchor[1] > 1.0  # P raises g1
+    out = model.counterfactual(adata, ["P", "control"])  # counts in, controls picked by label
+    ctrl = adata.obs_names[lab == "control"]
+    n = len(ctrl)
+    assert out.n_obs == 2 * n and list(out.var_names) == genes
+    np.testing.assert_allclose(out.X[:n], logx[lab == "control"] + anchor, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.X[n:], logx[lab == "control"], rtol=1e-5, atol=1e-5)
+    assert list(out.obs["perturbation"]) == ["P"] * n + ["control"] * n
+    assert list(out.obs["celldit_source"]) == list(ctrl) * 2
+    assert list(out.obs["cell_type"]) == list(adata.obs.loc[ctrl, "cell_type"]) * 2
+    assert out.obs_names.is_unique
+    assert out.uns["celldit"]["space"] == "log1p_normalized"
+    gen = model.generate({"perturbation": "P", "cell_type": "B"}, n=9, seed=1)
+    assert list(gen.var_names) == genes and list(gen.obs["cell_type"]) == ["B"] * 9
+    assert list(gen.obs["perturbation"]) == ["P"] * 9
+    b_ctrl = logx[(lab == "control") & (ct == "B")]
+    dist = np.abs((gen.X - anchor)[:, None, :] - b_ctrl[None]).max(-1).min(1)
+    assert dist.max() < 1e-5  # started from B controls
+    with pytest.raises(ValueError, match="no training control cells"):
+        model.generate({"perturbation": "P", "cell_type": "NK"}, n=2)
+    planted = build(planted_adata(), anchor=False)
+    res = counterfactual(planted, planted_adata()[:5], "P")
+    assert planted.space == "as_given" and res.uns["celldit"]["space"] == "as_given"
+
+
+def test_batches_are_centred_on_their_own_controls():
+    """Two training batches with opposite offsets and a new batch with a third offset: the
+    untrained anchored model predicts new-batch controls + the planted shift (the anchor
+    is computed on batch-centred cells), and the control label is still the identity."""
+    rng = np.random.default_rng(3)
+    n, offsets = 60, {"b1": -1.0, "b2": 1.0, "b3": 4.0}
+    xs, obs = [], []
+    for b, off in offsets.items():
+        base = 2.0 + off + 0.2 * rng.standard_normal((2 * n, G))
+        base[n:, SHIFTED] += 1.0  # planted shift of P, in every batch
+        xs.append(base)
+        obs += [("control", b)] * n + [("P", b)] * n
+    obs = pd.DataFrame(obs, columns=["perturbation", "batch"], index=[f"c{i}" for i in range(len(obs))])
+    adata = AnnData(np.concatenate(xs).astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(G)]))
+    train, new = adata[obs["batch"] != "b3"].copy(), adata[(obs["batch"] == "b3") & (obs["perturbation"] == "control")].copy()
+    # unbalanced batches: P cells of b2 only half kept, so an uncentred mean shift is biased
+    keep = ~((train.obs["batch"] == "b2") & (train.obs["perturbation"] == "P")) | (np.arange(train.n_obs) % 2 == 0)
+    train = train[keep].copy()
+    model = build(train, pair_keys=["batch"])
+    assert model.config.center
+    out = counterfactual(model, new, ["control", "P"])
+    x = new.X
+    np.testing.assert_allclose(out.X[: new.n_obs], x, atol=1e-5)
+    shift = out.X[new.n_obs:].mean(0) - x.mean(0)
+    np.testing.assert_allclose(shift[SHIFTED], 1.0, atol=0.1)
+    assert np.abs(shift[4:]).max() < 0.1
+    uncentred = build(train, pair_keys=["batch"], center=False)
+    biased = counterfactual(uncentred, new, "P").X.mean(0) - x.mean(0)
+    assert np.abs(biased[4:]).max() > 0.3  # the batch offset leaks into the shift without centring
+
+
+def test_norman_unseen_combination_generates_end_to_end():
+    """Norman toy (GEARS labels, per-part doses "1+1"): train without one combination whose
+    singles are seen; its counterfactual starts from the sum of the singles' anchors and
+    comes out finite, labelled, with the training genes."""
+    import anndata as ad
+    from conftest import shared_data
+
+    adata = ad.read_h5ad(shared_data("norman2019_toy_combos.h5ad"))
+    combo = "MAP2K6+ELMSAN1"
+    labels = adata.obs["condition"].astype(str)
+    train = adata[labels != combo].copy()
+    model = CellDiT(train, perturbation_key="condition", control="ctrl", dose_key="dose_val",
+                    perturbation_features=None, **TINY)
+    assert ("ELMSAN1",) in [k[0] for k in model.conditions.keys]
+    assert ("ELMSAN1", "MAP2K6") not in [k[0] for k in model.conditions.keys]
+    ctrl = adata[labels == "ctrl"].copy()
+    before = model.counterfactual(ctrl, combo)  # untrained: control + additive anchor
+    single = model.counterfactual(ctrl, ["MAP2K6+ctrl", "ctrl+ELMSAN1"])
+    base = model.counterfactual(ctrl, "ctrl").X
+    n = ctrl.n_obs
+    additive = base + (single.X[:n] - base) + (single.X[n:] - base)
+    np.testing.assert_allclose(before.X, additive, atol=1e-5)
+    model.fit(max_steps=20, **FIT)
+    after = model.counterfactual(ctrl, combo)
+    assert np.isfinite(after.X).all() and list(after.var_names) == list(adata.var_names)
+    assert set(after.obs["condition"]) == {combo}
+    assert list(after.obs["celldit_source"]) == list(ctrl.obs_names)
+
+
+def test_untrained_covariate_pairs_use_the_unknown_token():
+    """P is trained only in cell type B: asked in T it gets the unknown covariate code (the
+    row covariate dropout trains), in B its own code; dropout hides codes in training batches."""
+    adata = counts_adata()
+    keep = ~((adata.obs["perturbation"] == "P") & (adata.obs["cell_type"] == "T")).to_numpy()
+    model = build(adata[keep].copy(), covariate_keys=["cell_type"], covariate_dropout=0.5)
+    cov = pd.DataFrame({"cell_type": ["B", "T"]})
+    codes = model.vocab.encode_covariates(cov)
+    unknown = len(model.vocab.covariates["cell_type"])
+    assert codes[:, 0].tolist() == [0, 1]
+    assert model.sampler._covariate_codes("P", None, cov, codes)[:, 0].tolist() == [0, unknown]
+    assert model.sampler._covariate_codes("Q", None, cov, codes)[:, 0].tolist() == [0, 1]  # Q was trained in both
+    # training hides the codes of about half the blocks, behind the unknown row
+    train, _ = model._batches(CellFitConfig(max_steps=40, batch_size=128, block_size=16), 0)
+    codes_seen = np.concatenate([b["cov_idx"].numpy()[:, 0] for b in train])
+    assert 0.35 < (codes_seen == unknown).mean() < 0.65 and set(codes_seen) == {0, 1, unknown}
+    nodrop = build(adata[keep].copy(), covariate_keys=["cell_type"], covariate_dropout=0.0)
+    assert nodrop.sampler._covariate_codes("P", None, cov, codes)[:, 0].tolist() == [0, 1]
+
+
+def test_held_out_cell_type_borrows_from_types_alike_at_baseline(tmp_path):
+    """P raises genes 0-3 in three alike cell types (A1-A3) and genes 4-7 in a far type B.
+    Held out in A3, the untrained model starts A3 controls from the group-weighted anchor:
+    mostly the A types' shift (the plain mean-shift would give +1.5 on genes 0-3 and +0.5 on
+    4-7); the saved model does the same."""
+    rng = np.random.default_rng(0)
+    base = {"A1": 2.0, "A2": 2.1, "A3": 1.9, "B": 6.0}
+    x, obs = [], []
+    for t, level in base.items():
+        for lab in ("control", "P"):
+            if t == "A3" and lab == "P":
+                continue
+            cells = level + 0.1 * rng.standard_normal((60, 12))
+            if lab == "P":
+                cells[:, :4 if t != "B" else 8] += 2.0 if t != "B" else 0.0
+                if t == "B":
+                    cells[:, 4:8] += 2.0
+            x.append(cells)
+            obs += [(lab, t)] * 60
+    adata = AnnData(np.concatenate(x).astype(np.float32),
+                    obs=pd.DataFrame(obs, columns=["perturbation", "cell_type"], index=[f"c{i}" for i in range(len(obs))]))
+    model = build(adata, covariate_keys=["cell_type"], genes="all")
+    a3 = adata[(adata.obs["cell_type"] == "A3").to_numpy() & (adata.obs["perturbation"] == "control").to_numpy()]
+    shift = counterfactual(model, a3, "P").X.mean(0) - a3.X.mean(0)
+    assert shift[:4].min() > 1.7 and np.abs(shift[4:8]).max() < 0.3, shift
+    np.testing.assert_allclose(shift[8:], 0.0, atol=0.05)
+    # a type trained with P keeps its own-covariate (plain) anchor
+    a1 = adata[(adata.obs["cell_type"] == "A1").to_numpy() & (adata.obs["perturbation"] == "control").to_numpy()]
+    plain = np.broadcast_to(model.conditions.anchors[1], a1.shape)  # +1.33 on genes 0-3, +0.67 on 4-7
+    np.testing.assert_allclose(counterfactual(model, a1, "P").X - a1.X, plain, atol=1e-5)
+    model.save(tmp_path / "m")
+    again = CellDiT.load(tmp_path / "m")
+    np.testing.assert_allclose(counterfactual(again, a3, "P").X, counterfactual(model, a3, "P").X, atol=1e-6)
