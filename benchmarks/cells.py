@@ -43,11 +43,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from celldit.cells import CellDiT
-from celldit.train.trainer import set_threads
 from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
 from celldit.eval.report import evaluate
+from celldit.train.trainer import set_threads
 
 PAPALEXI = "papalexi2021_thp1_crispr_ko.h5ad"
 KANG = "kang2018_pbmc_ifnb_celltypes.h5ad"

@@ -144,7 +144,7 @@ class ConditionTable:
 
     @classmethod
     def from_dict(cls, data: list, anchors: np.ndarray, groups: dict[str, np.ndarray] | None = None
-                  ) -> "ConditionTable":
+                  ) -> ConditionTable:
         keys = [(tuple(n), tuple(float(d) for d in ds)) for n, ds in data]
         if not groups:
             return cls(keys, anchors)

@@ -20,6 +20,7 @@ version 1 (celldit 0.1) load through :func:`upgrade_v1`.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,10 @@ def write_model_folder(model: Any, path: str | Path, overwrite: bool = False,
     state.update({f"groups.{k}": torch.from_numpy(v) for k, v in model.conditions.group_tensors().items()})
     state["bank_x"] = model.bank_x
     state["reference"] = model.reference
+    if model.bank_library is not None:
+        state["bank_library"] = torch.from_numpy(np.asarray(model.bank_library, dtype=np.float64))
+    if model.pca is not None:
+        state["pca.mean"], state["pca.components"] = (torch.from_numpy(v) for v in model.pca)
     settings = to_dict(model.config)
     if isinstance(model.config.perturbation_features, pd.DataFrame):
         settings["perturbation_features"] = "dataframe"  # its rows are in the weights (network.encoder.prior)
@@ -59,7 +64,8 @@ def write_model_folder(model: Any, path: str | Path, overwrite: bool = False,
               "is_trained": model.is_trained, "history": history}
     bank = {"names": list(model.bank_obs.index), "obs": model.bank_obs.to_dict(orient="list")}
     extra = {"genes": model.genes, "vocab": model.vocab.to_dict(), "conditions": model.conditions.to_dict(),
-             "trained_groups": model.trained_groups, "bank": bank, **(extra_files or {})}
+             "trained_groups": model.trained_groups, "bank": bank, "normalisation": model.normalisation,
+             "var": json.loads(model.var.to_json(orient="split")), **(extra_files or {})}
 
     def curve_and_text(folder: Path) -> None:
         if model.history.get("losses"):
@@ -130,6 +136,20 @@ def _check_shapes(cfg: CellDiTConfig, raw: dict[str, Any], genes: list, vocab: d
                "the module tokenizer's weight does not match tokenizer_kwargs.modules")
 
 
+def _optional_json(folder: Path, name: str, default: Any) -> Any:
+    """``name.json`` of a model folder, or ``default`` for folders written before it existed."""
+    return read_extra_json(folder, name) if (folder / f"{name}.json").is_file() else default
+
+
+def _read_var(folder: Path, genes: list[str]) -> pd.DataFrame:
+    """The saved ``var`` annotations of the model's genes (an empty frame for older folders)."""
+    if not (folder / "var.json").is_file():
+        return pd.DataFrame(index=pd.Index(genes))
+    var = pd.read_json(json.dumps(read_extra_json(folder, "var")), orient="split")
+    var.index = var.index.astype(str)
+    return var
+
+
 def read_model_folder(path: str | Path) -> tuple[CellDiTConfig, dict[str, Any]]:
     """Check a model folder and read ``(config, state)`` for
     :meth:`CellDiT.from_config <celldit.cells.model.CellDiT.from_config>`."""
@@ -167,6 +187,11 @@ def read_model_folder(path: str | Path) -> tuple[CellDiTConfig, dict[str, Any]]:
         "trained_groups": read_extra_json(folder, "trained_groups"),
         "tokenizer_kwargs": raw["tokenizer_kwargs"], "prior_dim": int(raw.get("prior_dim") or 0),
         "bank_x": tensors["bank_x"],
+        "bank_library": tensors["bank_library"].numpy() if "bank_library" in tensors else None,
+        "pca": (tensors["pca.mean"].numpy(), tensors["pca.components"].numpy()) if "pca.mean" in tensors else None,
+        "normalisation": _optional_json(folder, "normalisation", {"space": "counts" if raw.get("space") ==
+                                        "log1p_normalized" else "log1p", "basis": {"kind": "unknown"}}),
+        "var": _read_var(folder, genes),
         "bank_obs": pd.DataFrame(bank["obs"], index=bank["names"], columns=list(config.covariate_keys)),
         "network": {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")},
         "is_trained": bool(raw.get("is_trained")), "history": dict(raw.get("history") or {}),

@@ -90,6 +90,17 @@ class CellDiTConfig:
         boolean var column is true), or a list of gene names.
     n_top_genes
         Number of highly variable genes with genes="hvg".
+    layer
+        Where the expression values are read: a layer name, "X", "raw" (adata.raw.X), or
+        null: layers['counts'] when present, else X.
+    input_space
+        What those values are: "counts", "log1p" (log1p(normalize_total(counts, 1e4))), or
+        "auto": counts when every value is a whole number, else log1p (checked over the whole
+        matrix; values impossible in either space are refused).
+    size_factor_key
+        obs column of each cell's library size (e.g. n_counts), used to normalise counts
+        instead of the total over the training genes; inputs restricted to the model's genes
+        then normalise exactly as in training.
     tokenizer
         "gene" (a token per gene), "module" (a token per gene module) or "latent" (a PCA
         codec's latent split into tokens).
@@ -153,6 +164,9 @@ class CellDiTConfig:
     # genes
     genes: str | list[str] = "all"
     n_top_genes: int = option(2000, ge=1)
+    layer: str | None = None
+    input_space: str = option("auto", choices=("auto", "counts", "log1p"))
+    size_factor_key: str | None = None
     # model
     tokenizer: str = option("module", choices=TOKENIZER_NAMES)
     source: str = option("control", choices=SOURCES)

@@ -7,7 +7,7 @@ one pairing group (same covariates, and e.g. the same replicate) and as many con
 of that group, moved by the condition's anchor and optionally re-paired by exact minibatch
 optimal transport (both from :mod:`celldit.flow.coupling`). :class:`CellDataModule` hands
 them to Lightning. Expression rows themselves come from
-:class:`~celldit.data.expression.ExpressionRows`.
+:class:`~celldit.data.rows.ExpressionRows`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..data.expression import ExpressionRows
+from ..data.rows import ExpressionRows
 from ..flow.coupling import anchored_source, ot_pair_blocks
 
 
@@ -43,6 +43,7 @@ class CenteredRows:
     def __init__(self, expr: ExpressionRows, centers: np.ndarray, batch: np.ndarray):
         self.expr, self.centers, self.batch = expr, centers.astype(np.float32), np.asarray(batch)
         self.genes, self.n_obs, self.counts = expr.genes, expr.n_obs, expr.counts
+        self.library_sizes = expr.library_sizes
 
     @property
     def n_vars(self) -> int:

@@ -128,9 +128,9 @@ def run_demo(out_dir: str | Path, max_steps: int | None = None, quick: bool = Fa
     from ..data.splits import HeldOutReplicate, holdout_record, parse_holdout
     from ..eval.report import evaluate
     from ..io import write_h5ad_atomic
+    from ..options import to_dict
     from ..train.trainer import set_threads
     from .config import CellDiTConfig, CellFitConfig
-    from ..options import to_dict
     from .model import CellDiT
 
     log = sys.stderr if log is None else log
@@ -197,7 +197,8 @@ def run_demo(out_dir: str | Path, max_steps: int | None = None, quick: bool = Fa
 
     with _stage("evaluate", "evaluate beside the baselines", timings, log):
         result = evaluate(test, pred, spec, train=train, baselines=list(BASELINES), min_cells=MIN_CELLS,
-                          max_cells=MAX_CELLS, out_dir=out / "report", split=split.to_dict(), seed=config.seed)
+                          max_cells=MAX_CELLS, out_dir=out / "report", split=split.to_dict(), seed=config.seed,
+                          loss_curve=(model.history["loss_steps"], model.history["losses"]))
         files.update({f"report_{k}": v for k, v in result.files.items()})
 
     timings["total"] = round(time.perf_counter() - start, 2)

@@ -94,7 +94,8 @@ class CellDiT:
 
     # ------------------------------------------------------------------ building
     def _set_registration(self, data: Registration) -> None:
-        self.spec, self.genes, self.space = data.spec, data.genes, data.space
+        self.spec, self.genes, self.space, self.normalisation = data.spec, data.genes, data.space, data.normalisation
+        self.var, self.pca, self.bank_library = data.var, data.pca, data.bank_library
         self.reference, self.conditions, self.trained_groups = data.reference, data.conditions, data.trained_groups
         self.vocab, self.tokenizer_kwargs = data.vocab, data.tokenizer_kwargs
         self.bank_x, self.bank_obs = data.bank_x, data.bank_obs
@@ -161,6 +162,8 @@ class CellDiT:
         self.network = self.plan.sampling_network(use_ema=True).to("cpu").eval()
         self.history = {"steps": len(losses.losses), "final_loss": losses.smoothed(50), "losses": losses.losses,
                         "loss_steps": losses.steps, "train_s": round(losses.wall_s, 2)}
+        if losses.val_losses:
+            self.history["val_losses"] = [list(v) for v in losses.val_losses]
         self.is_trained = True
         return self
 
@@ -217,6 +220,8 @@ class CellDiT:
         self = cls.__new__(cls)
         self.config = config
         self.spec, self.genes, self.space = state["spec"], state["genes"], state["space"]
+        self.normalisation, self.var, self.pca = state["normalisation"], state["var"], state["pca"]
+        self.bank_library = state["bank_library"]
         self.reference, self.trained_groups = state["reference"], state["trained_groups"]
         self.vocab = PerturbationVocab.from_dict(state["vocab"])
         self.conditions = ConditionTable.from_dict(state["conditions"], state["anchors"], state["groups"])

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from ..data.expression import ExpressionRows, select_genes
+from ..data.expression import select_genes
+from ..data.rows import ExpressionRows, counts_source
 from ..data.spec import PerturbationSpec
 from ..tokenizers import modules_from_correlation, modules_from_gene_sets, modules_from_labels
 from ..tokenizers.gene_module_builders import read_gmt
@@ -58,6 +59,7 @@ class Registration:
     spec: PerturbationSpec
     genes: list[str]
     space: str
+    normalisation: dict[str, Any]  # how inputs are brought to the model's space (see ExpressionRows.basis)
     reference: torch.Tensor  # (G,) mean of all training controls
     conditions: ConditionTable
     trained_groups: list[str]  # "(condition row)\x1e(covariate values)" pairs with training cells
@@ -66,6 +68,8 @@ class Registration:
     tokenizer_kwargs: dict[str, Any]
     bank_x: torch.Tensor  # (n_bank, G) control cells for generate()
     bank_obs: pd.DataFrame
+    bank_library: np.ndarray | None  # (n_bank,) their library sizes (counts layers of generated cells)
+    var: pd.DataFrame  # the training data's annotations of the model's genes
     # training data (not saved)
     rows: Any = None
     cond_id: np.ndarray | None = None
@@ -74,6 +78,7 @@ class Registration:
     cov_idx: np.ndarray | None = None
     ot_basis: np.ndarray | None = None
     x_sample: np.ndarray | None = field(default=None, repr=False)
+    pca: tuple[np.ndarray, np.ndarray] | None = None  # (mean (G,), components (G, k)) of the outputs' X_pca
 
 
 def register(adata: AnnData, config: CellDiTConfig) -> Registration:
@@ -83,8 +88,12 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     for key in config.pair_keys:
         spec._require_key(adata, key, "pair_keys")
     genes = select_genes(adata, config.genes, config.n_top_genes)
-    expr = ExpressionRows(adata, genes)
+    expr = ExpressionRows(adata, genes, layer=config.layer, input_space=config.input_space,
+                          size_factor_key=config.size_factor_key)
     space = "log1p_normalized" if expr.counts else "as_given"
+    normalisation = {"space": expr.space, "basis": expr.basis, "source": expr.where,
+                     "basis_genes": counts_source(adata, config.layer)[1] if expr.basis["kind"] == "total_counts"
+                     else None}
     ctrl = spec.control_mask(adata)
     reference = torch.from_numpy(expr.all_rows(np.flatnonzero(ctrl)).mean(0))
     rows = centred_rows(expr, adata, ctrl, list(config.pair_keys) if config.center else [])
@@ -104,16 +113,32 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     prior = prior_table(config.perturbation_features, rows.all_rows(ctrl_rows[:PRIOR_CELLS]), genes, config.seed)
     vocab = PerturbationVocab.from_adata(adata, spec, extra=[] if prior is None else prior.index)
     tok_kwargs = tokenizer_kwargs(config, adata, genes, x_sample)
-    bank_x, bank_obs = control_bank(rows, ctrl_rows, cov_frame, adata.obs_names, rng)
+    bank_x, bank_obs, bank_library = control_bank(rows, ctrl_rows, cov_frame, adata.obs_names, rng)
+    source_var = adata.raw.var if config.layer == "raw" else adata.var
+    var = source_var.loc[genes].copy()
     ot_basis = None
     if config.ot and config.ot_dims:
         from sklearn.decomposition import PCA
 
         k = int(min(config.ot_dims, x_sample.shape[0] - 1, x_sample.shape[1]))
         ot_basis = PCA(k, random_state=config.seed).fit(x_sample).components_.T.astype(np.float32)  # (G, k)
-    return Registration(spec, genes, space, reference, table, trained_groups, vocab, prior, tok_kwargs, bank_x,
-                        bank_obs, rows, cond_id, pair_group, cov_group, vocab.encode_covariates(cov_frame), ot_basis,
-                        x_sample)
+    pca = output_pca(x_sample, reference.numpy() if rows is not expr else None, config.seed)
+    return Registration(spec, genes, space, normalisation, reference, table, trained_groups, vocab, prior, tok_kwargs,
+                        bank_x, bank_obs, bank_library, var, rows, cond_id, pair_group, cov_group, vocab.encode_covariates(cov_frame),
+                        ot_basis, x_sample, pca)
+
+
+def output_pca(x_sample: np.ndarray, offset: np.ndarray | None, seed: int, n_components: int = 30
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The PCA space of the outputs' ``obsm['X_pca']``: ``n_components`` PCs of the training
+    cells (as the evaluation fits them); ``offset`` puts centred cells back on the training
+    controls' mean."""
+    from sklearn.decomposition import PCA
+
+    k = int(min(n_components, x_sample.shape[0] - 1, x_sample.shape[1]))
+    pca = PCA(k, random_state=seed).fit(x_sample)
+    mean = pca.mean_ + (0.0 if offset is None else offset)
+    return mean.astype(np.float32), pca.components_.T.astype(np.float32)
 
 
 def centred_rows(expr: ExpressionRows, adata: AnnData, ctrl: np.ndarray, keys: list[str]):
@@ -177,7 +202,7 @@ def tokenizer_kwargs(config: CellDiTConfig, adata: AnnData, genes: list[str], x_
 
 
 def control_bank(rows, ctrl_rows: np.ndarray, cov_frame: pd.DataFrame, names, rng: np.random.Generator
-                 ) -> tuple[torch.Tensor, pd.DataFrame]:
+                 ) -> tuple[torch.Tensor, pd.DataFrame, np.ndarray | None]:
     """Up to :data:`BANK_PER_GROUP` control cells per covariate group (sources for generate())."""
     groups = cov_frame.iloc[ctrl_rows]
     members = (groups.groupby(list(groups.columns), observed=True).indices.items() if groups.shape[1]
@@ -188,4 +213,4 @@ def control_bank(rows, ctrl_rows: np.ndarray, cov_frame: pd.DataFrame, names, rn
     keep = np.sort(np.asarray(keep, dtype=np.int64))
     bank_obs = cov_frame.iloc[keep].reset_index(drop=True)
     bank_obs.index = np.asarray(names)[keep].astype(str)
-    return torch.from_numpy(rows.all_rows(keep)), bank_obs
+    return torch.from_numpy(rows.all_rows(keep)), bank_obs, rows.library_sizes(keep)

@@ -6,6 +6,10 @@ asked condition).
 * Control source: ``x(0) = control cell + anchor(P)``, integrated to t = 1 under P.
 * Noise source: the control cell is first inverted to noise under the control condition
   (t = 1 -> 0), then integrated forward under P; ``generate`` starts from fresh noise.
+
+Input cells are brought to the model's space on the model's normalisation basis (see
+:class:`~celldit.data.rows.ExpressionRows`); results are built by
+:class:`~celldit.cells.outputs.OutputWriter`, in memory or streamed to an ``.h5ad`` file.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from ..data.expression import ExpressionRows
+from ..data.rows import ExpressionRows
 from ..flow import anchored_source, integrate, velocity_fn
+from .outputs import OutputWriter
 from .vocab import parse_condition
 
 __all__ = ["CellSampler"]
@@ -48,7 +53,7 @@ class CellSampler:
         (pert_idx (1, K), pert_scale (1, K), anchors (n, G)).
 
         A source whose covariate group never trained this condition gets the group-weighted
-        anchor of its group (see :class:`~celldit.data.conditions.ConditionTable`), its
+        anchor of its group (see :class:`~celldit.cells.anchors.ConditionTable`), its
         group's mean being the mean of those sources."""
         key = parse_condition(str(label), dose, self.spec)
         pert_idx, pert_scale = self.vocab.encode_conditions([key[0]], [key[1]])
@@ -80,15 +85,9 @@ class CellSampler:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 sl = slice(start, min(n, start + batch_size))
-                b = sl.stop - sl.start
                 cov = torch.from_numpy(cov_idx[sl])
-
-                def cond_of(drop=False):
-                    return {"pert_idx": torch.from_numpy(pert[0]).expand(b, -1), "pert_scale":
-                            torch.from_numpy(pert[1]).expand(b, -1), "cov_idx": cov,
-                            "drop": torch.full((b,), drop, dtype=torch.bool)}
-
-                v = velocity_fn(net, flow, cond_of(), cond_of(drop=True), cfg_scale=cfg_scale)
+                v = velocity_fn(net, flow, _conditioning(pert, cov), _conditioning(pert, cov, drop=True),
+                                cfg_scale=cfg_scale)
                 x0 = x[sl]
                 if self.config.source == "control":
                     x0 = anchored_source(x0, torch.from_numpy(pert[2][sl]))
@@ -103,14 +102,32 @@ class CellSampler:
         zero = np.zeros((x.shape[0], x.shape[1]), np.float32)
         return self._transport(x, (*ctrl, zero), cov_idx, steps, method, 1.0, batch_size, reverse=True)
 
-    # ------------------------------------------------------------------ results
-    def _result(self, x: torch.Tensor, obs: pd.DataFrame) -> AnnData:
-        out = AnnData(X=x.numpy().astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(self.genes)))
+    # ------------------------------------------------------------------ inputs and results
+    def input_rows(self, adata: AnnData, layer: str | None = None, size_factor_key: str | None = None,
+                   input_space: str = "auto") -> ExpressionRows:
+        """Rows of ``adata`` in the model's space, on the model's normalisation basis (the
+        library sizes of training: totals over the same genes, or the same size-factor column)."""
+        norm = self.model.normalisation
+        basis = norm.get("basis", {})
+        key = size_factor_key or (basis.get("key") if basis.get("kind") == "size_factor_key" else None)
+        basis_genes = norm.get("basis_genes") if key is None else None
+        try:
+            return ExpressionRows(adata, self.genes, layer=layer, input_space=input_space, size_factor_key=key,
+                                  basis_genes=basis_genes, warn_log1p=False)
+        except ValueError as err:
+            if "are not in adata.var_names" in str(err):
+                raise ValueError(f"the input's genes do not match the model's ({len(self.genes)} genes): {err}") from None
+            raise
+
+    def _writer(self, var: pd.DataFrame, counts: bool, raw_layer: bool, out: Any, overwrite: bool,
+                seed: int) -> OutputWriter:
         space = self.model.space
-        out.uns["celldit"] = {"space": space, "target_sum": 1e4 if space == "log1p_normalized" else None,
-                              "source": self.config.source, "tokenizer": self.config.tokenizer,
-                              "perturbation_key": self.spec.perturbation_key}
-        return out
+        uns = {"space": space, "target_sum": 1e4 if space == "log1p_normalized" else None,
+               "source": self.config.source, "tokenizer": self.config.tokenizer,
+               "perturbation_key": self.spec.perturbation_key, "clipped_at": 0.0}
+        categorical = [self.spec.perturbation_key, *self.spec.covariate_keys, "celldit_source"]
+        return OutputWriter(var, uns, categorical, pca=self.model.pca, counts=counts, raw_layer=raw_layer, path=out,
+                            overwrite=overwrite, seed=seed)
 
     def _labels_obs(self, label: str, dose: Any, cov: pd.DataFrame, index: Sequence[str]) -> pd.DataFrame:
         obs = pd.DataFrame(index=pd.Index([str(i) for i in index]))
@@ -118,13 +135,20 @@ class CellSampler:
         for key in self.spec.covariate_keys:
             obs[key] = cov[key].astype(str).to_numpy()
         if self.spec.dose_key is not None:
-            obs[self.spec.dose_key] = dose
+            obs[self.spec.dose_key] = "" if dose is None else str(dose)
         return obs
+
+    def _check_dose(self, dose: Any) -> None:
+        if dose is not None and self.spec.dose_key is None:
+            raise ValueError(f"dose={dose!r}: this model was fitted without a dose key (dose_key), so it cannot "
+                             "condition on a dose; leave the dose out")
 
     # ------------------------------------------------------------------ public
     def counterfactual(self, adata_control: AnnData, perturbation: str | Sequence[str], *, dose: Any = None,
                        steps: int | None = None, method: str | None = None, cfg_scale: float | None = None,
-                       seed: int = 0, batch_size: int | None = None) -> AnnData:
+                       seed: int = 0, batch_size: int | None = None, layer: str | None = None,
+                       size_factor_key: str | None = None, input_space: str = "auto", counts: bool = False,
+                       raw_layer: bool = False, out: str | None = None, overwrite: bool = False) -> AnnData:
         """What the control cells of ``adata_control`` would look like under each perturbation.
 
         Parameters
@@ -143,43 +167,66 @@ class CellSampler:
         cfg_scale
             Classifier-free guidance scale (default: the model's ``sampler.cfg_scale``).
         seed
-            Seed (used by models that draw noise).
+            Seed (of models that draw noise, and of the counts layer).
         batch_size
-            Cells integrated at once (default: the model's ``sampler.batch_size``).
+            Cells integrated (and written) at once (default: the model's ``sampler.batch_size``).
+        layer, size_factor_key, input_space
+            Where the input's values are, an obs column of library sizes, and what the values
+            are (see :class:`~celldit.cells.config.CellDiTConfig`); by default the model's
+            normalisation basis applies.
+        counts
+            Add ``layers['counts']``: counts sampled from the prediction with each source
+            cell's library size.
+        raw_layer
+            Keep the unclipped flow output in ``layers['flow']``.
+        out
+            Write the cells to this ``.h5ad`` block by block (bounded memory) and return it
+            opened backed; None returns an in-memory AnnData.
+        overwrite
+            Replace an existing ``out``.
 
         Returns
         -------
-        AnnData, one cell per (control cell, perturbation): ``X`` in the model's expression
-        space over the training genes, ``obs`` with the registered keys and
-        ``obs['celldit_source']`` (the control cell's name).
+        AnnData, one cell per (control cell, perturbation), label by label: ``X`` (CSR) in
+        the model's expression space over its genes, clipped at 0; ``var`` the input's
+        annotations of those genes; ``obs`` with the registered keys (categorical) and
+        ``celldit_source`` (the control cell's name); ``obsm['X_pca']`` (the model's PCA).
         """
+        self._check_dose(dose)
         cfg_scale = self.config.sampler.cfg_scale if cfg_scale is None else cfg_scale
         batch_size = batch_size or self.config.sampler.batch_size
         labels = [perturbation] if isinstance(perturbation, str) else list(perturbation)
         if not labels:
             raise ValueError("perturbation: give at least one label")
         controls = self._controls_of(adata_control)
-        try:
-            rows = ExpressionRows(controls, self.genes)
-        except ValueError as err:
-            raise ValueError(f"the input's genes do not match the model's ({len(self.genes)} genes): {err}") from None
+        rows = self.input_rows(controls, layer, size_factor_key, input_space)
         x = torch.from_numpy(rows.all_rows())
+        library = rows.library_sizes(np.arange(controls.n_obs))
         offset = self._input_centers(controls, x)
         x = x - offset
         cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
         cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
+        source_var = controls.raw.var if layer == "raw" else controls.var
+        writer = self._writer(source_var.loc[self.genes].copy(), counts, raw_layer, out, overwrite, seed)
         torch.manual_seed(seed)
-        # noise source: invert once under the control condition, then generate under each label
-        source = x if self.config.source == "control" else self._invert(x, cov_idx, steps, method, batch_size)
-        parts, obs = [], []
-        for label in labels:
-            pert = self._condition(label, dose, x, cov)
-            codes = self._covariate_codes(label, dose, cov, cov_idx)
-            parts.append(self._transport(source, pert, codes, steps, method, cfg_scale, batch_size) + offset)
-            o = self._labels_obs(label, dose, cov, [f"{c}-{label}" for c in controls.obs_names])
-            o["celldit_source"] = controls.obs_names.astype(str).to_numpy()
-            obs.append(o)
-        return self._result(torch.cat(parts), pd.concat(obs))
+        try:
+            # noise source: invert once under the control condition, then generate under each label
+            source = x if self.config.source == "control" else self._invert(x, cov_idx, steps, method, batch_size)
+            names = controls.obs_names.astype(str).to_numpy()
+            for label in labels:
+                pert = self._condition(label, dose, x, cov)
+                codes = self._covariate_codes(label, dose, cov, cov_idx)
+                for start in range(0, len(names), batch_size):
+                    sl = slice(start, start + batch_size)
+                    part = (pert[0], pert[1], pert[2][sl])
+                    y = self._transport(source[sl], part, codes[sl], steps, method, cfg_scale, batch_size) + offset[sl]
+                    obs = self._labels_obs(label, dose, cov.iloc[sl], [f"{c}-{label}" for c in names[sl]])
+                    obs["celldit_source"] = names[sl]
+                    writer.add(y.numpy(), obs, None if library is None else library[sl])
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.finish()
 
     def _covariate_codes(self, label: str, dose: Any, cov: pd.DataFrame, cov_idx: np.ndarray) -> np.ndarray:
         """Covariate codes for condition ``label``: a cell whose covariate group never saw
@@ -222,7 +269,8 @@ class CellSampler:
         return adata[mask]
 
     def generate(self, condition: str | Mapping[str, Any], n: int = 100, *, steps: int | None = None,
-                 method: str | None = None, cfg_scale: float | None = None, seed: int = 0) -> AnnData:
+                 method: str | None = None, cfg_scale: float | None = None, seed: int = 0, counts: bool = False,
+                 raw_layer: bool = False, out: str | None = None, overwrite: bool = False) -> AnnData:
         """``n`` new cells under ``condition``.
 
         Parameters
@@ -237,7 +285,12 @@ class CellSampler:
         seed
             Seed of the noise (noise source) or of the control cells drawn from the bank
             of training controls saved with the model (control source).
+        counts, raw_layer, out, overwrite
+            As in :meth:`counterfactual` (library sizes of the counts layer are drawn from the
+            training controls').
         """
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n={n!r}: the number of cells must be an integer >= 1")
         cfg_scale = self.config.sampler.cfg_scale if cfg_scale is None else cfg_scale
         batch_size = self.config.sampler.batch_size
         cond = {self.spec.perturbation_key: condition} if isinstance(condition, str) else dict(condition)
@@ -247,15 +300,11 @@ class CellSampler:
         if missing:
             raise KeyError(f"condition needs a value for the covariate(s) {missing} registered with the model")
         label, dose = cond[self.spec.perturbation_key], cond.get(self.spec.dose_key) if self.spec.dose_key else None
+        self._check_dose(cond.get("dose") if self.spec.dose_key is None else None)
         gen = torch.Generator().manual_seed(seed)
-        cov = pd.DataFrame({k: [str(cond[k])] * n for k in self.spec.covariate_keys}, index=range(n))
-        cov_idx = self._covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=n))
         bank_x, bank_obs = self.model.bank_x, self.model.bank_obs
-        if self.config.source == "noise":
-            x0 = self.network.source_noise((n, len(self.genes)), generator=gen)
-            pert = self._condition(label, dose, x0, cov)
-            x = self._transport(x0, pert, cov_idx, steps, method, cfg_scale, batch_size)
-        else:
+        pool = np.arange(len(bank_obs))
+        if self.config.source == "control":
             match = np.ones(len(bank_obs), dtype=bool)
             for k in self.spec.covariate_keys:
                 match &= bank_obs[k].astype(str).to_numpy() == str(cond[k])
@@ -263,9 +312,33 @@ class CellSampler:
                 raise ValueError(f"no training control cells with {', '.join(f'{k}={cond[k]!r}' for k in self.spec.covariate_keys)}"
                                  " to start from; use counterfactual() with control cells of that group")
             pool = np.flatnonzero(match)
-            pick = pool[torch.randint(len(pool), (n,), generator=gen).numpy()]
-            x0 = bank_x[pick]
-            x = self._transport(x0, self._condition(label, dose, x0, cov), cov_idx, steps, method, cfg_scale, batch_size)
-        if self.config.center and self.config.pair_keys:  # the model's cells are relative to their batch's controls
-            x = x + self.model.reference
-        return self._result(x, self._labels_obs(label, dose, cov, [f"celldit-{i}" for i in range(n)]))
+        writer = self._writer(self.model.var.copy(), counts, raw_layer, out, overwrite, seed)
+        try:
+            for start in range(0, n, batch_size):
+                m = min(batch_size, n - start)
+                cov = pd.DataFrame({k: [str(cond[k])] * m for k in self.spec.covariate_keys}, index=range(m))
+                cov_idx = self._covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=m))
+                if self.config.source == "noise":
+                    x0 = self.network.source_noise((m, len(self.genes)), generator=gen)
+                    pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()] if counts else None
+                else:
+                    pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()]
+                    x0 = bank_x[pick]
+                x = self._transport(x0, self._condition(label, dose, x0, cov), cov_idx, steps, method, cfg_scale,
+                                    batch_size)
+                if self.config.center and self.config.pair_keys:  # the model's cells are relative to their batch's controls
+                    x = x + self.model.reference
+                library = None if pick is None or self.model.bank_library is None else self.model.bank_library[pick]
+                obs = self._labels_obs(label, dose, cov, [f"celldit-{i}" for i in range(start, start + m)])
+                writer.add(x.numpy(), obs, library)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.finish()
+
+
+def _conditioning(pert: tuple[np.ndarray, np.ndarray, np.ndarray], cov: torch.Tensor, drop: bool = False) -> dict:
+    """Network inputs of one condition for ``len(cov)`` cells (``drop``: CFG's null branch)."""
+    b = len(cov)
+    return {"pert_idx": torch.from_numpy(pert[0]).expand(b, -1), "pert_scale": torch.from_numpy(pert[1]).expand(b, -1),
+            "cov_idx": cov, "drop": torch.full((b,), drop, dtype=torch.bool)}

@@ -81,7 +81,7 @@ class PerturbationVocab:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_adata(cls, adata, spec: PerturbationSpec, extra: Iterable[str] = ()) -> "PerturbationVocab":
+    def from_adata(cls, adata, spec: PerturbationSpec, extra: Iterable[str] = ()) -> PerturbationVocab:
         """Vocabulary of the perturbations and covariate levels in ``adata`` (training cells),
         plus ``extra`` names that have prior features only."""
         labels = spec.labels(adata)
@@ -158,7 +158,7 @@ class PerturbationVocab:
                 "dose_reference": self.dose_reference}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PerturbationVocab":
+    def from_dict(cls, data: Mapping[str, Any]) -> PerturbationVocab:
         return cls(list(data["perturbations"]), list(data["seen"]),
                    {k: list(v) for k, v in data.get("covariates", {}).items()},
                    float(data.get("dose_reference", 1.0)))

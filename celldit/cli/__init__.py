@@ -13,7 +13,7 @@ and exit code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401 - the parsers are argparse's
 import importlib
 import sys
 
@@ -32,16 +32,25 @@ CONFIG_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("fit",): ("fit", "train a CellDiT on an AnnData and save the model folder"),
     ("image", "train"): ("image_train", "train a class-conditional ImageDiT with rectified flow"),
 }
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, FileExistsError,
+                                                NotADirectoryError, IsADirectoryError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ..train.callbacks import NonFiniteLossError  # a diverged run: the settings (lr) are to fix
+
+    return (*USER_ERRORS, NonFiniteLossError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(
+    from .parsing import OneLineParser
+
+    parser = OneLineParser(
         prog="celldit",
         description="Diffusion Transformers with rectified flow for images and perturbed cells.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     for name, module_name in SUBCOMMANDS.items():
         if (name,) in CONFIG_COMMANDS:  # listed here, parsed by its own parser
             sub.add_parser(name, help=CONFIG_COMMANDS[(name,)][1], add_help=False)
@@ -72,7 +81,7 @@ def _run_config_command(prefix: tuple[str, ...], argv: list[str]) -> int:
         return _error(command, err)
     try:
         return int(module.run(cfg, parser) or 0)
-    except USER_ERRORS as err:
+    except _user_errors() as err:
         return _error(command, err)
 
 
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as err:
+    except _user_errors() as err:
         return _error(args.command, err)
 
 

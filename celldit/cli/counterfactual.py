@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..io import write_h5ad_atomic
-
 __all__ = [
     "SOLVER_CHOICES",
     "add_parser",
@@ -47,6 +45,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     which.add_argument("--perturbation", nargs="+", metavar="P", help="perturbation label(s), e.g. STAT1 or A+B")
     which.add_argument("--all", action="store_true", help="every perturbation the model was trained on")
     p.add_argument("--dose", default=None, help="dose of every perturbation (models with a dose key)")
+    p.add_argument("--layer", default=None,
+                   help="where the input's values are: a layer name, X or raw (default: layers['counts'] if present, else X)")
+    p.add_argument("--size-factor-key", default=None,
+                   help="obs column of each input cell's library size (default: the model's normalisation basis)")
+    p.add_argument("--input-space", choices=("auto", "counts", "log1p"), default="auto",
+                   help="what the input's values are (auto: counts when all are whole numbers, else log1p)")
     add_sampling_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -54,11 +58,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """Solver, guidance, seed and output options shared by ``counterfactual`` and ``generate``."""
-    p.add_argument("--steps", type=int, default=None, help="solver steps (default: 20 control source, 50 noise)")
+    from .parsing import at_least, finite
+
+    p.add_argument("--steps", type=at_least(1), default=None,
+                   help="solver steps (default: the model's sampler settings; 20 control source, 50 noise)")
     p.add_argument("--method", choices=SOLVER_CHOICES, default=None, help="ODE solver")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg-scale", type=finite, default=None,
+                   help="classifier-free guidance scale (default: the model's, 1 = none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, type=Path, help="output .h5ad (must not exist)")
+    p.add_argument("--chunk-size", type=at_least(1), default=None,
+                   help="cells integrated and written at once (default: the model's sampler batch size)")
+    p.add_argument("--counts", action="store_true",
+                   help="add layers['counts']: counts sampled from the prediction with each source cell's library size")
+    p.add_argument("--raw-layer", action="store_true",
+                   help="keep the unclipped flow output in layers['flow'] (X is clipped at 0, log1p's support)")
+    p.add_argument("--out", required=True, type=Path, help="output .h5ad, written block by block (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def load_model(path: Path):
@@ -82,11 +97,13 @@ def read_h5ad(path: Path, flag: str):
         raise ValueError(f"{flag} {str(path)!r} is not a readable .h5ad file: {err}") from None
 
 
-def check_out(path: Path) -> Path:
-    """Refuse an existing output file; make its folder."""
+def check_out(path: Path, overwrite: bool = False) -> Path:
+    """Refuse an existing output file unless ``overwrite``; make its folder."""
     path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"--out {str(path)!r} already exists: choose another file")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(path)!r} already exists: choose another file (or --overwrite)")
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {str(path)!r} is a folder: give an .h5ad file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -111,7 +128,7 @@ def check_labels(model, labels: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sample and write the counterfactual cells; returns the exit code (0)."""
-    out = check_out(args.out)
+    out = check_out(args.out, args.overwrite)
     model = load_model(args.model)
     labels = trained_labels(model) if args.all else list(dict.fromkeys(args.perturbation))
     if not labels:
@@ -119,8 +136,11 @@ def run(args: argparse.Namespace) -> int:
     check_labels(model, labels)
     adata = read_h5ad(args.input, "--input")
     pred = model.counterfactual(adata, labels, dose=args.dose, steps=args.steps, method=args.method,
-                                cfg_scale=args.cfg_scale, seed=args.seed)
-    write_h5ad_atomic(pred, out)
+                                cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.chunk_size,
+                                layer=args.layer, size_factor_key=args.size_factor_key, input_space=args.input_space,
+                                counts=args.counts, raw_layer=args.raw_layer, out=out, overwrite=args.overwrite)
+    if pred.isbacked:
+        pred.file.close()
     n_src = pred.n_obs // len(labels)
     print(f"wrote {pred.n_obs} cells ({n_src} control cells x {len(labels)} perturbation(s)) x "
           f"{pred.n_vars} genes to {out}")

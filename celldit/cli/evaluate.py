@@ -23,6 +23,8 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``celldit`` subcommand parsers."""
+    from .parsing import at_least
+
     p = subparsers.add_parser(
         "evaluate",
         help="score predicted cells against real cells, beside the baselines",
@@ -47,16 +49,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="'all', 'none' or a comma list of " + ", ".join(BASELINES)
                    + "; they need --train or --split (default auto: all when training "
                    "cells are given, else none)")
-    p.add_argument("--n-pcs", type=int, default=30, help="PCs of the distribution metrics")
-    p.add_argument("--max-cells", type=int, default=300, help="cells a side (default 300)")
-    p.add_argument("--min-cells", type=int, default=1,
+    p.add_argument("--n-pcs", type=at_least(1), default=30, help="PCs of the distribution metrics")
+    p.add_argument("--max-cells", type=at_least(2), default=300, help="cells a side (default 300)")
+    p.add_argument("--min-cells", type=at_least(1), default=1,
                    help="score only conditions with at least this many real cells (DESIGN protocols: 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank-test", action="store_true",
                    help="also report metrics on rank-test (Wilcoxon) DE genes")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-cell-eval", action="store_true", help="skip the cell-eval export")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--cell-eval", action="store_true",
+                   help="also run the cell-eval package (pip install cell-eval) and put its scores in summary.json")
+    p.add_argument("--model", type=Path, default=None,
+                   help="the model folder that made --pred: its loss curve joins the figures")
+    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing --out")
     p.set_defaults(func=run)
     return p
 
@@ -104,10 +111,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.train is not None and args.split is not None:
         raise ValueError("give either --train or --split, not both")
-    if args.max_cells < 2:
-        raise ValueError("--max-cells must be at least 2")
-    if args.n_pcs < 1:
-        raise ValueError("--n-pcs must be at least 1")
+    if args.out.exists() and not args.overwrite and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise FileExistsError(f"--out {str(args.out)!r} already exists: choose a new folder (or --overwrite)")
+    loss_curve = None
+    if args.model is not None:
+        curve = args.model / "losses.csv"
+        if not curve.is_file():
+            raise FileNotFoundError(f"--model {str(args.model)!r} has no losses.csv (not a trained celldit model?)")
+        import numpy as np
+
+        values = np.loadtxt(curve, delimiter=",", skiprows=1, ndmin=2)
+        loss_curve = (values[:, 0].astype(int).tolist(), values[:, 1].tolist())
     spec = PerturbationSpec(args.perturbation_key, control=list(args.control),
                             delimiter=args.delimiter, covariate_keys=tuple(args.covariate_keys))
     baselines = _baselines(args.baselines, args.train is not None or args.split is not None)
@@ -128,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                       n_pcs=args.n_pcs, max_cells=args.max_cells, seed=args.seed,
                       rank_test=args.rank_test, figures=not args.no_figures,
                       cell_eval=not args.no_cell_eval, split=split_dict,
-                      min_cells=args.min_cells)
+                      min_cells=args.min_cells, run_cell_eval=args.cell_eval, loss_curve=loss_curve)
     means = {m: {k: v for k, v in e.items() if not k.endswith("_median")}
              for m, e in result.summary.items() if isinstance(e, dict)}
     print(json.dumps({"n_conditions": result.summary["n_conditions"], "mean": means},

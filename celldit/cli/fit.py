@@ -20,7 +20,6 @@ checkpoints go to ``--run-dir`` (default ``OUT.run``); ``--resume`` continues fr
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any

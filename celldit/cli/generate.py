@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..io import write_h5ad_atomic
 from .counterfactual import add_sampling_arguments, check_labels, check_out, load_model
 
 __all__ = ["add_parser", "parse_condition_items", "run"]
@@ -23,6 +22,8 @@ __all__ = ["add_parser", "parse_condition_items", "run"]
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``generate`` on the ``celldit`` subcommand parsers."""
+    from .parsing import at_least
+
     p = subparsers.add_parser(
         "generate", help="sample new cells under a condition from a trained model",
         description="Sample --n new cells under --condition (KEY=VALUE for the perturbation key and each "
@@ -30,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="model folder written by `celldit fit`")
     p.add_argument("--condition", required=True, nargs="+", metavar="KEY=VALUE",
                    help="the condition, e.g. perturbation=STAT1 (a bare LABEL means perturbation key=LABEL)")
-    p.add_argument("--n", type=int, required=True, help="number of cells")
+    p.add_argument("--n", type=at_least(1), required=True, help="number of cells")
     add_sampling_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -54,9 +55,7 @@ def parse_condition_items(items: list[str], perturbation_key: str) -> dict[str, 
 
 def run(args: argparse.Namespace) -> int:
     """Sample and write the cells; returns the exit code (0)."""
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
-    out = check_out(args.out)
+    out = check_out(args.out, args.overwrite)
     model = load_model(args.model)
     spec = model.spec
     cond = parse_condition_items(args.condition, spec.perturbation_key)
@@ -66,9 +65,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--condition: key(s) {unknown} are not registered with the model (it knows {sorted(known)})")
     if spec.perturbation_key in cond:
         check_labels(model, [cond[spec.perturbation_key]])
+    if args.chunk_size:
+        model.config.sampler.batch_size = args.chunk_size
     cells = model.generate(cond, n=args.n, steps=args.steps, method=args.method, cfg_scale=args.cfg_scale,
-                           seed=args.seed)
-    write_h5ad_atomic(cells, out)
+                           seed=args.seed, counts=args.counts, raw_layer=args.raw_layer, out=out,
+                           overwrite=args.overwrite)
+    cells.file.close()
     shown = ", ".join(f"{k}={v}" for k, v in cond.items())
     print(f"wrote {cells.n_obs} cells x {cells.n_vars} genes under {shown} to {out}")
     return 0

@@ -1,7 +1,7 @@
 """The expression space celldit works in: ``log1p(normalize_total(counts, 1e4))``.
 
-:func:`log_normalize` brings a whole AnnData there; :class:`ExpressionRows` reads the rows
-of a batch there on demand (sparse in memory, or from disk for ``read_h5ad(backed="r")``)
+:func:`log_normalize` brings a whole AnnData there; :class:`~celldit.data.rows.ExpressionRows`
+reads the rows of a batch there on demand; :func:`detect_space` tells what a matrix holds,
 and :func:`select_genes` picks the gene set a model works on.
 """
 
@@ -14,10 +14,15 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
-__all__ = ["ExpressionRows", "TARGET_SUM", "check_expression", "gene_positions", "log_normalize", "select_genes"]
+__all__ = ["INPUT_SPACES", "LOG1P_MAX", "TARGET_SUM", "check_expression", "detect_space", "gene_positions",
+           "log_normalize", "select_genes"]
 
 #: counts per cell after :func:`scanpy.pp.normalize_total`
 TARGET_SUM = 1e4
+#: the largest value log1p(normalize_total(counts, 1e4)) can take (one gene holds every count)
+LOG1P_MAX = float(np.log1p(TARGET_SUM))
+#: what a matrix can hold: raw counts, log1p-normalised values, or "auto" (decided from the values)
+INPUT_SPACES = ("auto", "counts", "log1p")
 
 
 def _values(matrix) -> np.ndarray:
@@ -147,10 +152,6 @@ def log_normalize(
     return out
 
 
-def _dense(block) -> np.ndarray:
-    return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
-
-
 def gene_positions(var_names: Sequence[str], genes: Sequence[str], what: str = "genes") -> np.ndarray:
     """Column index of each of ``genes`` in ``var_names``; ``ValueError`` listing missing ones."""
     lookup = {g: i for i, g in enumerate(map(str, var_names))}
@@ -199,69 +200,64 @@ def select_genes(adata: AnnData, genes: str | Sequence[str] = "all", n_top_genes
     return genes
 
 
-class ExpressionRows:
-    """Cells of an AnnData in model space, densified a batch of rows at a time.
+def detect_space(matrix, where: str = "X", input_space: str = "auto", basis_columns: np.ndarray | None = None,
+                 chunk: int = 8192, target_sum: float = TARGET_SUM) -> tuple[str, np.ndarray]:
+    """What ``matrix`` holds, checked over every value in one chunked pass.
 
     Parameters
     ----------
-    adata
-        Cells x genes, in memory or backed. Raw counts (``layers['counts']`` or an
-        integer ``X``) are log1p-normalised; non-integer ``X`` is taken as already
-        log-normalised (a warning says so).
-    genes
-        Gene names to keep, in output column order (default: all).
-    target_sum
-        Counts per cell after normalisation.
+    matrix
+        Cells x genes: dense, scipy sparse, or a backed (on-disk) matrix.
+    where
+        Its name in error messages (``"X"``, ``"layers['counts']"``).
+    input_space
+        ``"counts"``, ``"log1p"``, or ``"auto"``: counts when every value is a whole number,
+        else log1p. A layer named ``counts`` must hold whole numbers.
+    basis_columns
+        Columns whose sum is a cell's library size (default: all).
+
+    Returns
+    -------
+    ``(space, totals)``: ``"counts"`` or ``"log1p"``, and each row's sum over the basis columns.
+
+    Raises
+    ------
+    ValueError
+        Naming the matrix and the setting to fix: NaN, infinite or negative values; values
+        above log1p(1e4) = 9.21 that are not whole numbers (neither counts nor log1p:
+        e.g. scaled counts), with ``auto`` or ``log1p``; a ``counts`` layer that is not whole numbers.
     """
-
-    def __init__(self, adata: AnnData, genes: Sequence[str] | None = None, target_sum: float = TARGET_SUM):
-        self.genes = list(map(str, adata.var_names)) if genes is None else list(genes)
-        self.columns = gene_positions(adata.var_names, self.genes)
-        self.target_sum = float(target_sum)
-        self.backed = bool(adata.isbacked)
-        self.n_obs = adata.n_obs
-        if self.backed:
-            # like log_normalize: layers['counts'] when present, else X (normalised row by row in rows())
-            self._where = "layers['counts']" if "counts" in adata.layers else "X"
-            self._matrix = adata.layers.get("counts", adata.X)
-            first = _dense(self._matrix[: min(256, self.n_obs)])
-            self.counts = check_expression(first, self._where)
-            if not self.counts and self._where != "X":
-                raise ValueError(f"{self._where} holds non-integer values, so it is not raw counts; drop or "
-                                 "rename that layer to use X as given")
-            if not self.counts:
-                warnings.warn("X holds non-integer values: assuming it is already "
-                              "log1p(normalize_total(counts, 1e4)) and using it as given", UserWarning, stacklevel=2)
-        else:
-            norm = log_normalize(adata)
-            self.counts = norm.uns["celldit_expression"]["source"] != "as_given"
-            x = norm.X
-            self._matrix = sp.csr_matrix(x[:, self.columns], dtype=np.float32) if sp.issparse(x) \
-                else np.asarray(x[:, self.columns], dtype=np.float32)
-
-    @property
-    def n_vars(self) -> int:
-        return len(self.genes)
-
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        """(len(idx), n_genes) float32 expression of the cells ``idx`` (any order, repeats allowed)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        if not self.backed:
-            return _dense(self._matrix[idx])
-        uniq, inverse = np.unique(idx, return_inverse=True)  # h5 reads want sorted unique rows
-        block = self._matrix[uniq]
-        block = block.tocsr() if sp.issparse(block) else np.asarray(block)
-        check_expression(block, self._where)  # NaN / negative values beyond the rows checked at start
-        if self.counts:  # normalise over all genes, then keep the chosen ones (as scanpy does)
-            totals = np.asarray(block.sum(1)).ravel()
-            scale = np.where(totals > 0, self.target_sum / np.where(totals > 0, totals, 1), 0.0)
-            block = sp.diags(scale.astype(np.float32)) @ block if sp.issparse(block) else block * scale[:, None]
-            block = block.log1p() if sp.issparse(block) else np.log1p(block)
-        return _dense(block[:, self.columns])[inverse]
-
-    def all_rows(self, idx: np.ndarray | None = None, chunk: int = 8192) -> np.ndarray:
-        """Dense rows ``idx`` (default all), read in chunks."""
-        idx = np.arange(self.n_obs) if idx is None else np.asarray(idx)
-        if idx.size == 0:
-            return np.zeros((0, self.n_vars), np.float32)
-        return np.concatenate([self.rows(idx[s: s + chunk]) for s in range(0, len(idx), chunk)])
+    if input_space not in INPUT_SPACES:
+        raise ValueError(f"input_space={input_space!r} (--input-space): choose one of {list(INPUT_SPACES)}")
+    n = matrix.shape[0]
+    totals = np.zeros(n, np.float64)
+    integer, vmax = True, 0.0
+    for start in range(0, n, chunk):
+        block = matrix[start: start + chunk]
+        if hasattr(block, "to_memory"):
+            block = block.to_memory()
+        if not sp.issparse(block):
+            block = np.asarray(block)
+        values = block.data if sp.issparse(block) else block
+        if values.size:
+            check_expression(block, where)
+            vmax = max(vmax, float(values.max()))
+            integer = integer and bool(np.all(np.mod(values, 1) == 0))
+        picked = block if basis_columns is None else block[:, basis_columns]
+        totals[start: start + block.shape[0]] = np.asarray(picked.sum(1), dtype=np.float64).ravel()
+    limit = float(np.log1p(target_sum)) + 1e-3
+    if input_space == "auto":
+        if where == "layers['counts']" and not integer:
+            raise ValueError(f"{where} holds non-integer values, so it is not raw counts; pass layer='X' "
+                             "(--layer X) or rename that layer")
+        space = "counts" if integer else "log1p"
+        if space == "log1p" and vmax > limit:
+            raise ValueError(f"{where} holds non-integer values up to {vmax:.4g}: not raw counts, and above "
+                             f"log1p({target_sum:g}) = {limit - 1e-3:.2f}, the largest log1p-normalised value (scaled "
+                             "counts?). Give raw counts or log1p(normalize_total(counts, 1e4)), or declare "
+                             "input_space (--input-space counts|log1p)")
+        return space, totals
+    if input_space == "log1p" and vmax > limit:
+        raise ValueError(f"input_space='log1p' but {where} holds values up to {vmax:.4g}, above log1p({target_sum:g}) "
+                         f"= {limit - 1e-3:.2f}: these are not log1p(normalize_total(counts, 1e4)) values")
+    return input_space, totals

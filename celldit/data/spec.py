@@ -9,8 +9,9 @@ and turns a label into the set of perturbations it stands for
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -185,7 +186,7 @@ class PerturbationSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PerturbationSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> PerturbationSpec:
         """Inverse of :meth:`to_dict`."""
         known = {"perturbation_key", "control", "delimiter", "dose_key", "covariate_keys"}
         unknown = set(data) - known

@@ -20,9 +20,9 @@ Hold-out *rules* (``celldit fit --holdout KEY=VALUE``) remove cells from trainin
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -115,7 +115,7 @@ class HeldOutPerturbations(Split):
 
     @classmethod
     def random(cls, adata: AnnData, spec: PerturbationSpec, fraction: float = 0.2,
-               seed: int = 0) -> "HeldOutPerturbations":
+               seed: int = 0) -> HeldOutPerturbations:
         """Hold out a seeded random ``fraction`` (at least one) of the perturbation labels."""
         labels = sorted({l for l in spec.labels(adata) if not spec.is_control(l)})
         n = max(1, int(round(fraction * len(labels))))
@@ -177,7 +177,7 @@ class HeldOutCombinations(Split):
 
     @classmethod
     def random(cls, adata: AnnData, spec: PerturbationSpec, single_fraction: float = 0.25,
-               seen2_fraction: float = 0.25, seed: int = 0) -> "HeldOutCombinations":
+               seen2_fraction: float = 0.25, seed: int = 0) -> HeldOutCombinations:
         """GEARS-like split: hold out a seeded ``single_fraction`` of the genes as singles;
         every combination containing one goes to test (seen 0 or 1), plus a
         ``seen2_fraction`` of the combinations whose singles are all kept (seen 2)."""

@@ -12,7 +12,7 @@ The generative model, for cell i of cell type c in batch b under perturbation se
   ``x_ig ~ NegativeBinomial(mean = l_i softmax(eta_i)_g, dispersion theta)`` (Gamma-Poisson).
 
 Combinations ``A+B`` add their singles' effects plus an interaction term. :func:`simulate`
-returns an in-memory AnnData (CSR counts in ``X``) and a :class:`SyntheticTruth`; 
+returns an in-memory AnnData (CSR counts in ``X``) and a :class:`SyntheticTruth`;
 :func:`simulate_h5ad` writes the same model chunk by chunk to an ``.h5ad`` file with
 bounded memory (the cells of a chunk are drawn from a stream seeded by ``(seed, chunk)``,
 so a file depends on the seed and the chunk size). Used by the scale benchmark and as
@@ -135,7 +135,7 @@ def _labels(rng: np.random.Generator, n_cells: int, truth: SyntheticTruth, combo
 def _counts(rng: np.random.Generator, obs: pd.DataFrame, truth: SyntheticTruth, library_size: float,
             library_sd: float, dispersion: float) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """(counts CSR, library sizes, edited) of the cells of ``obs``."""
-    n, G = len(obs), len(truth.genes)
+    n, _G = len(obs), len(truth.genes)
     ct = obs["cell_type"].cat.codes.to_numpy()
     bt = obs["batch"].cat.codes.to_numpy()
     eta = truth.base[ct] + truth.batch_offsets[bt] + rng.normal(0, 1, (n, truth.programs.shape[0])) @ truth.programs

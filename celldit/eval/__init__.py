@@ -8,14 +8,16 @@ from celldit.eval.baselines import (
     BASELINES,
     Additive,
     Baseline,
+    Linear,
     MeanShift,
     NoChange,
     TrainMean,
+    gene_pca_embedding,
     make_baseline,
     prediction_requests,
     run_baselines,
 )
-from celldit.eval.baselines import Linear, gene_pca_embedding
+from celldit.eval.cell_eval import export_cell_eval, run_cell_eval
 from celldit.eval.metrics import (
     discrimination_scores,
     energy_distance,
@@ -30,7 +32,7 @@ from celldit.eval.metrics import (
     top_k_de_genes,
 )
 from celldit.eval.pca import PCASpace
-from celldit.eval.report import EvaluationResult, evaluate, export_cell_eval, summarize
+from celldit.eval.report import EvaluationResult, evaluate, summarize
 from celldit.eval.scoring import CORE_METRICS, EXTRA_METRICS, score_predictions
 
 __all__ = [
@@ -39,5 +41,5 @@ __all__ = [
     "discrimination_scores", "energy_distance", "mae", "median_bandwidth", "mmd_rbf", "mse",
     "pearson", "pearson_delta", "r2_mean", "sliced_wasserstein", "top_k_de_genes",
     "PCASpace", "CORE_METRICS", "EXTRA_METRICS", "score_predictions",
-    "EvaluationResult", "evaluate", "export_cell_eval", "summarize",
+    "EvaluationResult", "evaluate", "export_cell_eval", "run_cell_eval", "summarize",
 ]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -13,7 +13,7 @@ from celldit.data.spec import PerturbationSpec
 from celldit.eval.pca import PCASpace
 from celldit.eval.scoring import condition_name, group_rows
 
-__all__ = ["plot_metric_bars", "plot_pca_real_vs_pred", "KEY_METRICS"]
+__all__ = ["KEY_METRICS", "plot_delta_scatter", "plot_metric_bars", "plot_pca_real_vs_pred", "plot_umap_real_vs_pred"]
 
 #: metrics shown in the per-condition bar chart, with their "better" direction
 KEY_METRICS = (("pearson_delta_de20", "higher"), ("mse_de20", "lower"), ("edistance", "lower"))
@@ -137,3 +137,112 @@ def plot_pca_real_vs_pred(real: AnnData, predictions: Mapping[str, AnnData],
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _scatter_grid(n: int, width: float = 3.0, height: float = 2.8):
+    plt = _pyplot()
+    ncol = min(5, max(1, n))
+    nrow = int(np.ceil(n / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(width * ncol, height * nrow), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    return plt, fig, axes
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_delta_scatter(real: AnnData, pred: AnnData, spec: PerturbationSpec, path: str | Path,
+                       max_conditions: int = 20, method: str = "model") -> Path:
+    """Predicted against true mean shift per gene, one panel per condition.
+
+    ``delta = mean(cells) - mean(controls of the same covariates)`` (the Pearson-delta
+    definition); the 20 genes of largest true ``|delta|`` are drawn in colour, the line is
+    y = x.
+    """
+    real_groups, pred_groups = group_rows(real, spec), group_rows(pred, spec)
+    ctrl = {k[1:]: v for k, v in real_groups.items() if k[0] in spec.control_labels}
+    keys = [k for k in sorted(pred_groups) if k[0] not in spec.control_labels and k in real_groups
+            and k[1:] in ctrl][:max_conditions]
+    if not keys:
+        raise ValueError("no condition shared by the prediction and the real data to plot")
+    plt, fig, axes = _scatter_grid(len(keys))
+
+    def mean(adata: AnnData, rows: np.ndarray) -> np.ndarray:
+        x = adata.X[rows]
+        return np.asarray(x.mean(0)).ravel()
+
+    for ax, key in zip(axes.ravel(), keys):
+        c = mean(real, ctrl[key[1:]])
+        true, predicted = mean(real, real_groups[key]) - c, mean(pred, pred_groups[key]) - c
+        top = np.argsort(-np.abs(true))[:20]
+        ax.scatter(true, predicted, s=3, c="lightgrey")
+        ax.scatter(true[top], predicted[top], s=8, c="tab:red", label="top-20 DE")
+        lim = float(np.nanmax(np.abs(np.concatenate([true, predicted])))) * 1.05 or 1.0
+        ax.plot([-lim, lim], [-lim, lim], lw=0.6, color="black")
+        r = np.corrcoef(true[top], predicted[top])[0, 1] if np.std(predicted[top]) > 0 else np.nan
+        ax.set_title(f"{condition_name(key[0], key[1:])}  r20={r:.2f}", fontsize=8)
+        ax.set_xlabel("true delta", fontsize=7)
+        ax.set_ylabel(f"{method} delta", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_umap_real_vs_pred(real: AnnData, pred: AnnData, spec: PerturbationSpec, space: PCASpace,
+                           path: str | Path, max_conditions: int = 8, max_cells: int = 200, seed: int = 0) -> Path:
+    """UMAP (scanpy) of real and predicted cells of a few conditions, with the controls.
+
+    Cells are embedded in the evaluation's PCA space, a neighbour graph is built on it and
+    laid out by UMAP; left: coloured by condition, right: real vs predicted.
+    """
+    import scanpy as sc
+
+    real_groups, pred_groups = group_rows(real, spec), group_rows(pred, spec)
+    keys = [k for k in sorted(pred_groups) if k[0] not in spec.control_labels and k in real_groups][:max_conditions]
+    if not keys:
+        raise ValueError("no condition shared by the prediction and the real data to plot")
+    rng = np.random.default_rng(seed)
+
+    def pick(rows: np.ndarray) -> np.ndarray:
+        return rows if len(rows) <= max_cells else np.sort(rng.choice(rows, max_cells, replace=False))
+
+    parts, condition, origin = [], [], []
+    controls = np.concatenate([v for k, v in real_groups.items() if k[0] in spec.control_labels])
+    parts.append(space.transform(real.X[pick(controls)]))
+    condition += ["control"] * len(parts[-1])
+    origin += ["real"] * len(parts[-1])
+    for key in keys:
+        for adata, groups, who in ((real, real_groups, "real"), (pred, pred_groups, "predicted")):
+            parts.append(space.transform(adata.X[pick(groups[key])]))
+            condition += [condition_name(key[0], key[1:])] * len(parts[-1])
+            origin += [who] * len(parts[-1])
+    emb = AnnData(np.concatenate(parts).astype(np.float32),
+                  obs=pd.DataFrame({"condition": pd.Categorical(condition), "cells": pd.Categorical(origin)}))
+    emb.obsm["X_pca"] = emb.X
+    sc.pp.neighbors(emb, n_neighbors=15, use_rep="X_pca", random_state=seed)
+    sc.tl.umap(emb, random_state=seed)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    cmap = plt.get_cmap("tab10")
+    umap = emb.obsm["X_umap"]
+    for j, name in enumerate(emb.obs["condition"].cat.categories):
+        m = (emb.obs["condition"] == name).to_numpy()
+        axes[0].scatter(umap[m, 0], umap[m, 1], s=3, color="lightgrey" if name == "control" else cmap(j % 10),
+                        label=name)
+    for name, colour in (("real", "black"), ("predicted", "tab:orange")):
+        m = (emb.obs["cells"] == name).to_numpy()
+        axes[1].scatter(umap[m, 0], umap[m, 1], s=3, color=colour, alpha=0.6, label=name)
+    for ax, title in zip(axes, ("by condition", "real vs predicted")):
+        ax.set_title(f"UMAP ({title})", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.legend(fontsize=6, markerscale=3, frameon=False, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -50,7 +50,7 @@ class PCASpace:
         """Whether :meth:`fit` has run."""
         return self._pca is not None
 
-    def fit(self, matrix) -> "PCASpace":
+    def fit(self, matrix) -> PCASpace:
         """Fit on a cells x genes matrix (dense or scipy sparse)."""
         n_cells, n_genes = matrix.shape
         if n_cells < 2:

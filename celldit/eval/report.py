@@ -15,9 +15,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,14 +29,16 @@ from celldit.data.expression import check_expression, log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.eval.baselines import BASELINES, make_baseline, prediction_requests
 from celldit.eval.pca import PCASpace
-from celldit.eval.scoring import (CORE_METRICS, EXTRA_METRICS, RANK_TEST_METRICS,
-                                  condition_name, group_rows, score_predictions)
+from celldit.eval.scoring import (
+    CORE_METRICS,
+    EXTRA_METRICS,
+    RANK_TEST_METRICS,
+    condition_name,
+    group_rows,
+    score_predictions,
+)
 
-__all__ = ["EvaluationResult", "evaluate", "summarize", "prepare_prediction",
-           "export_cell_eval", "CELL_EVAL_PERT_COL", "CELL_EVAL_CONTROL"]
-
-CELL_EVAL_PERT_COL = "target_gene"
-CELL_EVAL_CONTROL = "non-targeting"
+__all__ = ["EvaluationResult", "evaluate", "summarize", "prepare_prediction"]
 
 
 @dataclass
@@ -85,60 +88,6 @@ def prepare_prediction(pred: AnnData) -> AnnData:
     if "counts" in pred.layers or (is_counts and (values.size == 0 or values.min() >= 0)):
         return log_normalize(pred)
     return pred
-
-
-def export_cell_eval(real: AnnData, predictions: dict[str, AnnData], spec: PerturbationSpec,
-                     out_dir: str | Path) -> dict[str, Path]:
-    """Write ``real.h5ad`` and ``pred_<method>.h5ad`` for the ``cell-eval`` package.
-
-    Both files get ``obs['target_gene']``: the condition name for perturbed cells and
-    ``"non-targeting"`` for control cells; each prediction file also holds the real control
-    cells (cell-eval needs controls on both sides). ``X`` is log1p-normalised (run cell-eval
-    with ``--is-log1p``). cell-eval is not a dependency of celldit.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def tag(adata: AnnData) -> AnnData:
-        labels = spec.labels(adata)
-        covs = spec.covariates(adata).to_numpy()
-        names = [CELL_EVAL_CONTROL if l in spec.control_labels else condition_name(l, c)
-                 for l, c in zip(labels, covs)]
-        out = AnnData(adata.X.copy(), obs=adata.obs[[spec.perturbation_key,
-                                                     *spec.covariate_keys]].copy(),
-                      var=pd.DataFrame(index=adata.var_names.astype(str)))
-        out.obs[CELL_EVAL_PERT_COL] = pd.Categorical(names)
-        out.obs_names = [str(i) for i in range(out.n_obs)]
-        return out
-
-    files = {"real": out_dir / "real.h5ad"}
-    controls = real[spec.control_mask(real)]
-    tag(real).write_h5ad(files["real"])
-    lines = ["# cell-eval inputs", "", "Run the `cell-eval` package on these files, e.g.:", ""]
-    for method, pred in predictions.items():
-        perturbed = pred[~np.isin(spec.labels(pred), spec.control_labels)]
-        both = tag(_concat(perturbed, controls))
-        files[f"pred_{method}"] = out_dir / f"pred_{method}.h5ad"
-        both.write_h5ad(files[f"pred_{method}"])
-        lines += [f"    cell-eval run -ap pred_{method}.h5ad -ar real.h5ad "
-                  f"--pert-col {CELL_EVAL_PERT_COL} --control-pert {CELL_EVAL_CONTROL} "
-                  f"--is-log1p -o cell_eval_{method}"]
-    lines += ["", f"`{CELL_EVAL_PERT_COL}` holds the condition name (perturbation label, then "
-              "covariate values joined by ` | `); controls are pooled under "
-              f"`{CELL_EVAL_CONTROL}`.", ""]
-    files["readme"] = out_dir / "README.md"
-    files["readme"].write_text("\n".join(lines))
-    return files
-
-
-def _concat(a: AnnData, b: AnnData) -> AnnData:
-    def dense(x):
-        return x.toarray() if sp.issparse(x) else np.asarray(x)
-
-    obs = pd.concat([a.obs.astype(str), b.obs.astype(str)], ignore_index=True)
-    obs.index = obs.index.astype(str)
-    x = np.vstack([dense(a.X), dense(b.X)]).astype(np.float32)
-    return AnnData(x, obs=obs, var=pd.DataFrame(index=a.var_names))
 
 
 def _markdown(summary: dict[str, Any], table: pd.DataFrame, settings: dict[str, Any]) -> str:
@@ -192,7 +141,8 @@ def evaluate(real: AnnData, pred: AnnData | None, spec: PerturbationSpec, *,
              out_dir: str | Path | None = None, n_pcs: int = 30, max_cells: int = 300,
              seed: int = 0, rank_test: bool = False, figures: bool = True,
              cell_eval: bool = True, split: dict[str, Any] | None = None,
-             normalize: bool = True, min_cells: int = 1) -> EvaluationResult:
+             normalize: bool = True, min_cells: int = 1, run_cell_eval: bool = False,
+             loss_curve: tuple[list[int], list[float]] | None = None) -> EvaluationResult:
     """Score ``pred`` (method ``model``) and the named baselines on the conditions of ``pred``.
 
     Parameters
@@ -217,7 +167,13 @@ def evaluate(real: AnnData, pred: AnnData | None, spec: PerturbationSpec, *,
         PCA dimension, cells a side, seed, and the rank-test DE columns
         (see :func:`~celldit.eval.scoring.score_predictions`).
     figures, cell_eval
-        Write the PNG figures / the cell-eval files (with ``out_dir``).
+        Write the PNG figures (metrics, PCA, predicted-vs-true deltas, UMAP) / the cell-eval
+        files (with ``out_dir``).
+    run_cell_eval
+        Also run the cell-eval package on those files (when installed) and put its mean
+        scores under ``summary['cell_eval']``.
+    loss_curve
+        ``(steps, losses)`` of the model's training, drawn as ``figures/loss.png``.
     split
         A split's ``to_dict()`` to record in ``settings.json``.
     normalize
@@ -295,13 +251,33 @@ def evaluate(real: AnnData, pred: AnnData | None, spec: PerturbationSpec, *,
     files["markdown"] = out / "report.md"
     files["markdown"].write_text(_markdown(summary, table, settings))
     if figures:
-        from celldit.eval.figures import plot_metric_bars, plot_pca_real_vs_pred
+        from celldit.eval.figures import (
+            plot_delta_scatter,
+            plot_metric_bars,
+            plot_pca_real_vs_pred,
+            plot_umap_real_vs_pred,
+        )
 
-        files["fig_metrics"] = plot_metric_bars(table, out / "figures" / "metrics_by_condition.png")
-        files["fig_pca"] = plot_pca_real_vs_pred(real, predictions, spec, space,
-                                                 out / "figures" / "pca_real_vs_pred.png",
+        fig_dir = out / "figures"
+        files["fig_metrics"] = plot_metric_bars(table, fig_dir / "metrics_by_condition.png")
+        files["fig_pca"] = plot_pca_real_vs_pred(real, predictions, spec, space, fig_dir / "pca_real_vs_pred.png",
                                                  seed=seed)
-    if cell_eval:
-        for key, path in export_cell_eval(real, predictions, spec, out / "cell_eval").items():
-            files[f"cell_eval_{key}"] = path
+        shown = next((m for m in ("model", "mean_shift") if m in predictions), next(iter(predictions)))
+        files["fig_delta"] = plot_delta_scatter(real, predictions[shown], spec, fig_dir / "delta_scatter.png",
+                                                method=shown)
+        files["fig_umap"] = plot_umap_real_vs_pred(real, predictions[shown], spec, space, fig_dir / "umap.png",
+                                                   seed=seed)
+        if loss_curve is not None:
+            from celldit.train.callbacks import write_loss_curve
+
+            files["fig_loss"] = write_loss_curve(fig_dir, *loss_curve)["loss_png"]
+    if cell_eval or run_cell_eval:
+        from celldit.eval.cell_eval import export_cell_eval
+        from celldit.eval.cell_eval import run_cell_eval as run_it
+
+        exported = export_cell_eval(real, predictions, spec, out / "cell_eval")
+        files.update({f"cell_eval_{key}": path for key, path in exported.items()})
+        if run_cell_eval:
+            summary["cell_eval"] = run_it(exported, out / "cell_eval")
+            files["summary"].write_text(json.dumps(summary, indent=2) + "\n")
     return result

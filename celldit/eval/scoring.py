@@ -8,7 +8,7 @@ covariates) are gathered; only those rows are densified, never a whole data set.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd

@@ -9,13 +9,13 @@ from __future__ import annotations
 from .base import CellTokenizer, Tokenizer
 from .codecs import CODECS, AutoencoderCodec, Codec, PCACodec
 from .gene import GeneTokenizer
-from .latent import LatentTokenizer
 from .gene_module import GeneModuleTokenizer
 from .gene_module_builders import (
     modules_from_correlation,
     modules_from_gene_sets,
     modules_from_labels,
 )
+from .latent import LatentTokenizer
 from .patch import PatchTokenizer
 
 TOKENIZERS: dict[str, type[Tokenizer]] = {

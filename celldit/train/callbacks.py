@@ -48,6 +48,7 @@ class LossHistory(L.Callback):
         self.explode_factor = explode_factor
         self.losses: list[float] = []
         self.steps: list[int] = []
+        self.val_losses: list[tuple[int, float]] = []  # (step, val_loss) of each validation
         self._t0: float | None = None
         self._best = math.inf
         self.wall_s: float = 0.0
@@ -82,12 +83,25 @@ class LossHistory(L.Callback):
             raise NonFiniteLossError(f"the training loss exploded to {smooth:.3g} at step {step} (best "
                                      f"{self._best:.3g}): lower the learning rate (lr); nothing was saved")
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get("val_loss")
+        if value is not None and not trainer.sanity_checking:
+            self.val_losses.append((int(trainer.global_step), float(value)))
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._t0 is not None:
             self.wall_s = time.perf_counter() - self._t0
         if self.path is not None and trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"losses": self.losses, "steps": self.steps, "wall_s": self.wall_s}))
+
+    # saved in checkpoints, so that a resumed run keeps the whole curve
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "steps": list(self.steps), "val_losses": list(self.val_losses)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.losses, self.steps = list(state_dict["losses"]), list(state_dict["steps"])
+        self.val_losses = [tuple(v) for v in state_dict.get("val_losses", [])]
 
     def smoothed(self, window: int = 50) -> float:
         """Mean of the last ``window`` recorded losses (NaN when none)."""

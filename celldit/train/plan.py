@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..flow import RectifiedFlow, integrate, velocity_fn
+from .callbacks import NonFiniteLossError
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -144,7 +145,8 @@ class FlowTrainingPlan(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.batch_to_loss(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+            raise NonFiniteLossError(f"the training loss became {loss.item()} at step {self.global_step}: lower the "
+                                     "learning rate (lr) or check the input values; nothing was saved")
         self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=_batch_size(batch))
         return loss
 

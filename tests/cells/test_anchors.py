@@ -13,8 +13,8 @@ from anndata import AnnData
 from conftest import shared_data
 
 from celldit.cells.anchors import ConditionTable, build_condition_table, cell_conditions
-from celldit.data.spec import PerturbationSpec
 from celldit.cells.vocab import PAD, PerturbationVocab, parse_condition, parse_dose
+from celldit.data.spec import PerturbationSpec
 
 
 def condition_key(names, doses=None):

@@ -13,10 +13,11 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scipy.optimize import linear_sum_assignment
 
-from celldit.cells.dataset import PairedBatches
-from celldit.data.expression import ExpressionRows, select_genes
 from celldit.cells.anchors import ConditionTable
+from celldit.cells.dataset import PairedBatches
 from celldit.cells.vocab import PAD
+from celldit.data.expression import select_genes
+from celldit.data.rows import ExpressionRows
 
 
 def condition_key(names, doses=None):
@@ -130,14 +131,12 @@ def test_nan_and_negative_counts_raise(tmp_path, bad, match):
         ExpressionRows(AnnData(x))
     with pytest.raises(ValueError, match=match):
         ExpressionRows(AnnData(sp.csr_matrix(x)))
-    # backed: a bad value in the first rows fails at once, one further down when its row is read
+    # backed: the whole file is checked in one chunked pass, so a bad value far down fails at once
     x[3, 2], x[290, 4] = 1.0, bad
     path = tmp_path / "bad.h5ad"
     AnnData(sp.csr_matrix(x)).write_h5ad(path)
-    rows = ExpressionRows(ad.read_h5ad(path, backed="r"))
-    assert np.isfinite(rows.rows(np.arange(10))).all()
     with pytest.raises(ValueError, match=match):
-        rows.rows(np.array([5, 290]))
+        ExpressionRows(ad.read_h5ad(path, backed="r"))
 
 
 def test_missing_genes_are_named():
@@ -200,7 +199,17 @@ def paired_data(orphan_group: bool = False, seed: int = 0):
     x = (np.abs(rng.standard_normal((n, 6))) + 0.5 * cond[:, None]).astype(np.float32)
     x[:, 0] = np.arange(n)
     x[:, 1] = 10.0 * (group + 1)
-    return quiet_rows(AnnData(x)), x, cond, group
+    return ArrayRows(x), x, cond, group
+
+
+class ArrayRows:
+    """Rows of an array as they are (PairedBatches only reads rows; ids stay exact)."""
+
+    def __init__(self, x: np.ndarray):
+        self.x, (self.n_obs, self.n_vars) = x, x.shape
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        return self.x[np.asarray(idx)]
 
 
 def make_batches(expr, cond, group, **kwargs) -> PairedBatches:

@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import torch
 from anndata import AnnData
-
 from conftest import make_adata
 
 from celldit.cells import CellDiT, CellFitConfig
@@ -345,12 +344,13 @@ def test_norman_unseen_combination_generates_end_to_end():
     assert ("ELMSAN1",) in [k[0] for k in model.conditions.keys]
     assert ("ELMSAN1", "MAP2K6") not in [k[0] for k in model.conditions.keys]
     ctrl = adata[labels == "ctrl"].copy()
-    before = model.counterfactual(ctrl, combo)  # untrained: control + additive anchor
-    single = model.counterfactual(ctrl, ["MAP2K6+ctrl", "ctrl+ELMSAN1"])
-    base = model.counterfactual(ctrl, "ctrl").X
+    # untrained: control + additive anchor (compared before clipping at 0: layers['flow'])
+    before = model.counterfactual(ctrl, combo, raw_layer=True).layers["flow"]
+    single = model.counterfactual(ctrl, ["MAP2K6+ctrl", "ctrl+ELMSAN1"], raw_layer=True).layers["flow"]
+    base = model.counterfactual(ctrl, "ctrl", raw_layer=True).layers["flow"]
     n = ctrl.n_obs
-    additive = base + (single.X[:n] - base) + (single.X[n:] - base)
-    np.testing.assert_allclose(before.X, additive, atol=1e-5)
+    additive = base + (single[:n] - base) + (single[n:] - base)
+    np.testing.assert_allclose(before, additive, atol=1e-5)
     model.fit(max_steps=20, **FIT)
     after = model.counterfactual(ctrl, combo)
     assert np.isfinite(after.X).all() and list(after.var_names) == list(adata.var_names)

@@ -89,7 +89,7 @@ def test_evaluate_writes_every_file(files, tmp_path, capsys):
     assert summary["model"]["pearson_delta_all"] > 0.8
     assert summary["no_change"]["pearson_delta_all"] is None  # undefined for a zero delta
     for name in ("report.md", "settings.json", "figures/metrics_by_condition.png",
-                 "figures/pca_real_vs_pred.png", "cell_eval/real.h5ad",
+                 "figures/pca_real_vs_pred.png", "figures/delta_scatter.png", "figures/umap.png", "cell_eval/real.h5ad",
                  "cell_eval/pred_model.h5ad", "cell_eval/README.md"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "figures/pca_real_vs_pred.png").read_bytes()[:4] == b"\x89PNG"
@@ -97,6 +97,52 @@ def test_evaluate_writes_every_file(files, tmp_path, capsys):
     assert {"KO1", "KO2", "non-targeting"} == set(exported.obs["target_gene"])
     assert "mean_shift" in (out / "report.md").read_text()
     assert '"n_conditions": 2' in capsys.readouterr().out
+
+
+def test_evaluate_refuses_an_existing_out(files, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists"):
+        _run(_base(files, out, extra=["--no-figures", "--no-cell-eval", "--baselines", "none"]))
+    assert (out / "keep.txt").read_text() == "mine" and not (out / "metrics.csv").exists()
+    assert _run(_base(files, out, extra=["--no-figures", "--no-cell-eval", "--baselines", "none", "--overwrite"])) == 0
+
+
+def test_cell_eval_export_keeps_the_covariate_and_runs_when_installed(files, tmp_path, monkeypatch):
+    """The covariate is its own column (cell-eval's --celltype-col); --cell-eval runs the
+    package per cell type when it is installed (here a stand-in module records the calls)
+    and says how to install it when it is not."""
+    import sys
+    import types
+
+    from celldit.data.spec import PerturbationSpec
+    from celldit.eval.cell_eval import export_cell_eval, run_cell_eval
+
+    real = ad.read_h5ad(files["real"])
+    real.obs["cell_type"] = np.where(np.arange(real.n_obs) % 2, "T", "B")
+    spec = PerturbationSpec("perturbation", "ctrl", covariate_keys=["cell_type"])
+    exported = export_cell_eval(real, {"model": real}, spec, tmp_path / "ce")
+    pred = ad.read_h5ad(exported["pred_model"])
+    assert set(pred.obs["target_gene"]) == {"KO1", "KO2", "non-targeting"} and set(pred.obs["celltype"]) == {"T", "B"}
+    assert "--celltype-col celltype" in exported["readme"].read_text()
+    calls = []
+
+    class Evaluator:
+        def __init__(self, adata_pred, adata_real, control_pert, pert_col, num_threads, outdir):
+            calls.append((set(adata_pred.obs["celltype"]), control_pert, pert_col))
+
+        def compute(self, profile, write_csv):  # cell-eval returns polars frames; .to_pandas() is what we use
+            frame = pd.DataFrame({"statistic": ["count", "mean"], "overlap_at_N": [2.0, 0.5 + len(calls)]})
+            return None, types.SimpleNamespace(to_pandas=lambda: frame)
+
+    monkeypatch.setitem(sys.modules, "cell_eval", types.SimpleNamespace(MetricsEvaluator=Evaluator))
+    scores = run_cell_eval(exported, tmp_path / "ce")
+    assert calls == [({"B"}, "non-targeting", "target_gene"), ({"T"}, "non-targeting", "target_gene")]
+    assert scores == {"model": {"overlap_at_N": pytest.approx(2.0)}}  # mean over the two cell types
+    monkeypatch.setitem(sys.modules, "cell_eval", None)
+    with pytest.raises(ValueError, match="pip install cell-eval"):
+        run_cell_eval(exported, tmp_path / "ce")
 
 
 def test_evaluate_with_split_and_no_baselines(files, tmp_path):
@@ -199,5 +245,5 @@ def test_min_cells_drops_small_conditions_from_real_and_pred(files, tmp_path):
     assert _run(_base(files, out, real=small, extra=extra)) == 0
     assert set(pd.read_csv(out / "metrics.csv")["condition"]) == {"KO1"}
     assert json.loads((out / "settings.json").read_text())["dropped_conditions"] == ["KO2"]
-    with pytest.raises(ValueError, match="min_cells"):
+    with pytest.raises(SystemExit):  # a usage error: one line, exit code 2
         _run(_base(files, tmp_path / "zero", extra=["--train", files["train"], "--min-cells", "0"]))

@@ -15,8 +15,16 @@ from conftest import shared_data
 from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
-from celldit.eval.baselines import Additive, MeanShift, NoChange, TrainMean, make_baseline, prediction_requests
-from celldit.eval.baselines import Linear, gene_pca_embedding
+from celldit.eval.baselines import (
+    Additive,
+    Linear,
+    MeanShift,
+    NoChange,
+    TrainMean,
+    gene_pca_embedding,
+    make_baseline,
+    prediction_requests,
+)
 from celldit.eval.metrics import mean_expression
 from celldit.eval.report import evaluate
 

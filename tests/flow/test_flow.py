@@ -215,7 +215,7 @@ def test_trained_flow_samples_match_a_gaussian_mixture():
     flow = RectifiedFlow()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
-    for step in range(1500):
+    for _step in range(1500):
         loss = flow.loss(model, mixture(256, g))
         opt.zero_grad()
         loss.backward()

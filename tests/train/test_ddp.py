@@ -6,6 +6,7 @@ import json
 import socket
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -79,6 +80,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path, monkeypatch):
     single, single_losses = train(1, "auto", tmp_path, "single")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

@@ -14,7 +14,7 @@ pool into ``{A}``.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,7 +64,7 @@ class Baseline:
         self.notes: list[str] = []
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train: AnnData, spec: PerturbationSpec) -> "Baseline":
+    def fit(self, train: AnnData, spec: PerturbationSpec) -> Baseline:
         """Compute ``d(S, g)`` for every perturbation set and group of ``train``.
 
         ``train`` must be log1p-normalised; groups without training controls are skipped.
@@ -99,7 +99,7 @@ class Baseline:
     def train_mean_shift(self, covs: tuple[str, ...]) -> np.ndarray:
         """``train_mean`` shift of group ``covs`` (see module docstring)."""
         per_group: dict[tuple[str, ...], list[np.ndarray]] = {}
-        for (s, g), d in self.shifts.items():
+        for (_s, g), d in self.shifts.items():
             per_group.setdefault(g, []).append(d)
         if covs in per_group:
             return self._group_average(per_group[covs])

@@ -45,8 +45,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from celldit.data.spec import PerturbationSpec
-from .base import Baseline
 from celldit.eval.metrics import mean_expression
+
+from .base import Baseline
 
 __all__ = ["Linear", "gene_pca_embedding"]
 

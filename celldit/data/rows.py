@@ -1,0 +1,206 @@
+"""Rows of an AnnData in celldit's expression space, read a batch at a time, on a fixed basis.
+
+:class:`ExpressionRows` never copies or densifies a whole matrix. It decides once, in one
+chunked pass, where the counts come from (:func:`counts_source`), which space they are in
+(:func:`~celldit.data.expression.detect_space`) and each cell's library size, the
+*normalisation basis*; then :meth:`ExpressionRows.rows` reads any rows (from memory, or in
+sorted runs from a backed ``.h5ad``), keeps the model's genes and returns
+``log1p(target_sum * counts / library size)``.
+
+The basis is what makes a cell's values the same wherever it comes from. By default the
+library size is the cell's total count over the *basis genes*: all genes of the training
+data (recorded with a model, :attr:`ExpressionRows.basis`). An input that lacks some of
+them cannot be normalised like the training cells from its own columns; it then needs a
+per-cell size-factor column (``size_factor_key``, e.g. ``obs['n_counts']`` written by the
+lab's pipeline) or log-normalised values, and otherwise gets an error that says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .expression import TARGET_SUM, detect_space, gene_positions
+
+__all__ = ["ExpressionRows", "counts_source", "size_factors"]
+
+CHUNK = 8192  # rows read at once by the passes over a whole matrix
+
+
+def counts_source(adata: AnnData, layer: str | None = None) -> tuple[Any, Sequence[str], str]:
+    """``(matrix, its var names, description)`` of the expression values to read.
+
+    ``layer``: a layer name, ``"X"``, ``"raw"`` (``adata.raw.X``, with ``adata.raw.var_names``)
+    or None, the default rule: ``layers['counts']`` when present, else ``X``. ``X`` is not
+    touched when a layer is used (a backed view would load it).
+    """
+    if layer is None:
+        layer = "counts" if "counts" in adata.layers else "X"
+    if layer == "X":
+        return adata.X, list(map(str, adata.var_names)), "X"
+    if layer == "raw":
+        if adata.raw is None:
+            raise ValueError("layer='raw' (--layer raw): this AnnData has no .raw; choose X or a layer "
+                             f"({', '.join(adata.layers.keys()) or 'none present'})")
+        return adata.raw.X, list(map(str, adata.raw.var_names)), "raw.X"
+    if layer not in adata.layers:
+        raise ValueError(f"layer={layer!r} (--layer): not in adata.layers (present: "
+                         f"{', '.join(adata.layers.keys()) or 'none'}); use X, raw or one of those")
+    return adata.layers[layer], list(map(str, adata.var_names)), f"layers[{layer!r}]"
+
+
+def _chunk(matrix, start: int, stop: int):
+    block = matrix[start:stop]
+    if sp.issparse(block):
+        return block.tocsr()
+    if hasattr(block, "to_memory"):  # anndata's backed sparse dataset
+        return block.to_memory().tocsr()
+    return np.asarray(block)
+
+
+def size_factors(adata: AnnData, key: str) -> np.ndarray:
+    """Library sizes from ``obs[key]`` (positive and finite, else a ``ValueError`` naming the key)."""
+    if key not in adata.obs.columns:
+        raise ValueError(f"size_factor_key={key!r} (--size-factor-key) is not a column of adata.obs "
+                         f"(columns: {list(adata.obs.columns)[:20]})")
+    values = np.asarray(adata.obs[key], dtype=np.float64)
+    bad = ~np.isfinite(values) | (values <= 0)
+    if bad.any():
+        raise ValueError(f"obs[{key!r}] (size_factor_key) has {int(bad.sum())} cells with a zero, negative or NaN "
+                         "library size; every cell needs a positive one")
+    return values
+
+
+class ExpressionRows:
+    """Cells of an AnnData in model space, densified a batch of rows at a time.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, in memory or backed.
+    genes
+        Gene names to keep, in output column order (default: all of the source's).
+    layer
+        Where the values come from (see :func:`counts_source`).
+    input_space
+        ``"counts"``, ``"log1p"`` (``log1p(normalize_total(counts, 1e4))`` already) or
+        ``"auto"`` (see :func:`~celldit.data.expression.detect_space`).
+    size_factor_key
+        obs column of library sizes (counts): used instead of totals over the basis genes.
+    basis_genes
+        Genes whose total count is a cell's library size (default: every gene of the
+        source). A model passes its training genes; an input lacking some of them needs
+        ``size_factor_key`` (or log1p values).
+    target_sum
+        Counts per cell after normalisation.
+    warn_log1p
+        Warn when ``auto`` takes non-integer values as log1p.
+
+    Attributes
+    ----------
+    space
+        ``"counts"`` or ``"log1p"``: what the source holds.
+    basis
+        How library sizes were computed: ``{"kind": "total_counts", "n_genes": ...}``,
+        ``{"kind": "size_factor_key", "key": ...}`` or ``{"kind": "none"}`` (log1p input).
+    """
+
+    def __init__(self, adata: AnnData, genes: Sequence[str] | None = None, *, layer: str | None = None,
+                 input_space: str = "auto", size_factor_key: str | None = None,
+                 basis_genes: Sequence[str] | None = None, target_sum: float = TARGET_SUM, warn_log1p: bool = True):
+        self._matrix, source_genes, self.where = counts_source(adata, layer)
+        self.genes = list(source_genes) if genes is None else list(map(str, genes))
+        self.columns = gene_positions(source_genes, self.genes)
+        self.target_sum = float(target_sum)
+        self.n_obs = adata.n_obs
+        self.backed = bool(adata.isbacked)
+        basis_cols, missing = None, []
+        if basis_genes is not None:
+            lookup = {g: i for i, g in enumerate(source_genes)}
+            missing = [g for g in basis_genes if g not in lookup]
+            basis_cols = None if missing else np.array([lookup[g] for g in basis_genes], dtype=np.int64)
+        self.space, totals = detect_space(self._matrix, self.where, input_space, basis_cols, chunk=CHUNK)
+        if missing and self.space == "counts" and size_factor_key is None:
+            shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(f"the input lacks {len(missing)} of the {len(basis_genes)} genes the model's library "
+                             f"sizes were counted over ({shown}), so its counts cannot be normalised as in training; "
+                             "give each cell's library size in an obs column (size_factor_key=..., --size-factor-key) "
+                             "or log1p(normalize_total(counts, 1e4)) values computed on the full gene set")
+        if self.space == "log1p" and input_space == "auto" and warn_log1p:
+            warnings.warn(f"{self.where} holds non-integer values: taking it as log1p(normalize_total(counts, 1e4)) "
+                          "(declare input_space='log1p' to silence this, or 'counts')", UserWarning, stacklevel=2)
+        self.library: np.ndarray | None = None
+        if self.space == "log1p":
+            self.basis: dict[str, Any] = {"kind": "none"}
+            if size_factor_key is not None:
+                self.library = size_factors(adata, size_factor_key)
+        elif size_factor_key is not None:
+            self.library = size_factors(adata, size_factor_key)
+            self.basis = {"kind": "size_factor_key", "key": size_factor_key}
+        else:
+            self.library = totals
+            self.basis = {"kind": "total_counts", "n_genes": len(source_genes) if basis_cols is None else len(basis_cols)}
+        if not self.backed and sp.issparse(self._matrix) and not isinstance(self._matrix, sp.csr_matrix):
+            self._matrix = sp.csr_matrix(self._matrix)  # row reads
+
+    @property
+    def counts(self) -> bool:
+        """Whether the source holds raw counts (normalised on read)."""
+        return self.space == "counts"
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.genes)
+
+    def library_sizes(self, idx: np.ndarray) -> np.ndarray | None:
+        """(len(idx),) library sizes of the cells ``idx`` (None for log1p input without size factors)."""
+        return None if self.library is None else self.library[np.asarray(idx, dtype=np.int64)]
+
+    def _read(self, idx: np.ndarray):
+        """The source rows ``idx`` (sorted unique for a backed file), model genes only."""
+        if not self.backed:
+            block = self._matrix[idx]
+            return block[:, self.columns] if sp.issparse(block) else np.asarray(block)[:, self.columns]
+        uniq, inverse = np.unique(idx, return_inverse=True)  # h5 reads want sorted unique rows
+        block = self._matrix[uniq]
+        block = block.tocsr() if sp.issparse(block) else np.asarray(block)
+        return block[inverse][:, self.columns]
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """(len(idx), n_genes) float32 expression of the cells ``idx`` (any order, repeats allowed)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        block = self._read(idx)
+        x = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
+        if self.space == "counts":
+            lib = self.library[idx]
+            scale = np.where(lib > 0, self.target_sum / np.where(lib > 0, lib, 1.0), 0.0).astype(np.float32)
+            x = np.log1p(x * scale[:, None])
+        return x
+
+    def all_rows(self, idx: np.ndarray | None = None, chunk: int = CHUNK) -> np.ndarray:
+        """Dense rows ``idx`` (default all), read in chunks."""
+        idx = np.arange(self.n_obs) if idx is None else np.asarray(idx)
+        if idx.size == 0:
+            return np.zeros((0, self.n_vars), np.float32)
+        return np.concatenate([self.rows(idx[s: s + chunk]) for s in range(0, len(idx), chunk)])
+
+    def sum_rows(self, groups: np.ndarray, n_groups: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+        """Per-group sums (n_groups, G) and counts (n_groups,) of the rows, in one chunked
+        pass (``groups[i] < 0``: row i is skipped). Means of every condition at once, without
+        holding more than ``chunk`` rows."""
+        sums = np.zeros((n_groups, self.n_vars), np.float64)
+        counts = np.bincount(groups[groups >= 0], minlength=n_groups).astype(np.float64)
+        for s in range(0, self.n_obs, chunk):
+            g = groups[s: s + chunk]
+            keep = np.flatnonzero(g >= 0)
+            if keep.size == 0:
+                continue
+            x = self.rows(np.arange(s, s + len(g))[keep])
+            indicator = sp.csr_matrix((np.ones(len(keep)), (g[keep], np.arange(len(keep)))), shape=(n_groups, len(keep)))
+            sums += indicator @ x.astype(np.float64)
+        return sums, counts

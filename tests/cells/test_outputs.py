@@ -1,0 +1,99 @@
+"""Predicted cells in the ecosystem's shapes, on the training normalisation basis, in memory or on disk."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_adata
+
+from celldit.cells import CellDiT
+from celldit.data.expression import log_normalize
+
+TINY = {"hidden_size": 16, "depth": 1, "num_heads": 2, "perturbation_features": None}
+
+
+@pytest.fixture(scope="module")
+def screen():
+    adata = make_adata({"control": 80, "P": 60, "Q": 60}, 30, effects={"P": {0: 1.5, 1: 1.5}, "Q": {2: -2.0}},
+                       obs={"cell_type": ["T", "B"]}, level=np.linspace(0.5, 8, 30), seed=1)
+    adata.var["symbol"] = [f"SYM{i}" for i in range(adata.n_vars)]
+    adata.var["highly_variable"] = np.arange(adata.n_vars) < 20
+    adata.obs["n_counts"] = np.asarray(adata.X.sum(1)).ravel()
+    return adata
+
+
+@pytest.fixture(scope="module")
+def model(screen):
+    return CellDiT(screen, covariate_keys=["cell_type"], genes="var:highly_variable", **TINY)
+
+
+def controls(adata):
+    return adata[adata.obs["perturbation"] == "control"].copy()
+
+
+def test_output_shapes_follow_scanpy_conventions(model, screen):
+    out = model.counterfactual(controls(screen), ["P", "Q"], counts=True, raw_layer=True, seed=3)
+    n = int((screen.obs["perturbation"] == "control").sum())
+    assert out.shape == (2 * n, 20) and list(out.var_names) == [f"g{i}" for i in range(20)]
+    assert list(out.var["symbol"]) == [f"SYM{i}" for i in range(20)]  # the input's annotations are kept
+    for key in ("perturbation", "cell_type", "celldit_source"):
+        assert isinstance(out.obs[key].dtype, pd.CategoricalDtype), key
+    # X: the flow output clipped at 0 (log1p's support); the raw output is kept on request
+    assert out.X.min() >= 0 and np.array_equal(out.X, np.clip(out.layers["flow"], 0, None))
+    # the counts layer: Poisson draws around expm1(x) * library size / 1e4
+    library = np.tile(screen.obs["n_counts"].to_numpy()[screen.obs["perturbation"] == "control"], 2)
+    expected = np.expm1(out.X) * library[:, None] / 1e4
+    counts = out.layers["counts"].toarray()
+    assert np.array_equal(counts, np.round(counts)) and counts.min() >= 0
+    assert abs(counts.sum() / expected.sum() - 1) < 0.02
+    # obsm['X_pca'] is the model's PCA of the training cells
+    mean, components = model.pca
+    np.testing.assert_allclose(out.obsm["X_pca"], (out.X - mean) @ components, rtol=1e-4, atol=1e-4)
+    gen = model.generate({"perturbation": "P", "cell_type": "B"}, n=7, counts=True)
+    assert list(gen.var["symbol"]) == [f"SYM{i}" for i in range(20)] and "counts" in gen.layers
+    assert isinstance(gen.obs["cell_type"].dtype, pd.CategoricalDtype)
+
+
+def test_streamed_output_equals_the_in_memory_one(model, screen, tmp_path):
+    kw = {"counts": True, "seed": 5, "batch_size": 17}  # several blocks per label
+    mem = model.counterfactual(controls(screen), ["P", "Q"], **kw)
+    disk = model.counterfactual(controls(screen), ["P", "Q"], out=tmp_path / "cf.h5ad", **kw)
+    assert disk.isbacked
+    disk.file.close()
+    back = ad.read_h5ad(tmp_path / "cf.h5ad")
+    np.testing.assert_array_equal(back.X, mem.X)
+    np.testing.assert_array_equal(back.layers["counts"].toarray(), mem.layers["counts"].toarray())
+    np.testing.assert_array_equal(back.obsm["X_pca"], mem.obsm["X_pca"])
+    assert back.obs.equals(mem.obs) and list(back.var["symbol"]) == list(mem.var["symbol"])
+    with pytest.raises(FileExistsError, match="already exists"):
+        model.counterfactual(controls(screen), "P", out=tmp_path / "cf.h5ad")
+    # an error half way leaves no file behind
+    with pytest.raises(KeyError, match="'NOPE'"):
+        model.counterfactual(controls(screen), ["P", "NOPE"], out=tmp_path / "half.h5ad")
+    assert not (tmp_path / "half.h5ad").exists() and not list(tmp_path.glob(".half*"))
+
+
+def test_inputs_normalise_on_the_training_basis(model, screen):
+    """The model's library sizes are totals over its 30 training genes (it models 20 of
+    them). An input carrying only the 20 model genes cannot be normalised like that from
+    its own columns: an error says so, and a size-factor column gives the exact result."""
+    full = controls(screen)
+    reference = model.counterfactual(full, "control")
+    expected = log_normalize(full).X.toarray()[:, :20]
+    np.testing.assert_allclose(reference.X, expected, rtol=0, atol=1e-5)  # control label: the input itself
+    narrow = full[:, :20].copy()
+    with pytest.raises(ValueError, match="lacks 10 of the 30 genes.*size_factor_key"):
+        model.counterfactual(narrow, "control")
+    sized = model.counterfactual(narrow, "control", size_factor_key="n_counts")
+    np.testing.assert_allclose(sized.X, reference.X, rtol=0, atol=1e-5)
+    # log1p input computed on the full gene set needs no library sizes
+    logged = log_normalize(full)[:, :20].copy()
+    del logged.layers["counts"]  # else the counts layer is read first (the default rule)
+    np.testing.assert_allclose(model.counterfactual(logged, "control").X, reference.X, rtol=0, atol=1e-5)
+
+
+def test_dose_without_a_dose_key_is_refused(model, screen):
+    with pytest.raises(ValueError, match="without a dose key"):
+        model.counterfactual(controls(screen), "P", dose=10)
