@@ -125,6 +125,17 @@ def make_adata(labels: Sequence[str] | Mapping[str, int], n_genes: int = 12, *, 
                    var=pd.DataFrame(index=[f"{gene_prefix}{i}" for i in range(n_genes)]))
 
 
+class ArrayRows:
+    """Expression rows of a plain array, as they are (what PairedBatches and the condition
+    table read: ``rows(idx)``, ``n_obs``, ``n_vars``); ids planted in the values stay exact."""
+
+    def __init__(self, x: np.ndarray):
+        self.x, (self.n_obs, self.n_vars) = np.asarray(x, dtype=np.float32), np.shape(x)
+
+    def rows(self, idx) -> np.ndarray:
+        return self.x[np.asarray(idx)]
+
+
 @pytest.fixture(scope="session")
 def synthetic_screen():
     """A small realistic screen from :func:`celldit.data.synthetic.simulate` and its truth:

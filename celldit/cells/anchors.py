@@ -153,8 +153,8 @@ class ConditionTable:
         return cls(keys, anchors, shifts, controls)
 
 
-def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, x_mean_fn,
-                          n_genes: int, anchored: bool = True) -> tuple[ConditionTable, np.ndarray]:
+def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows, n_genes: int,
+                          anchored: bool = True) -> tuple[ConditionTable, np.ndarray]:
     """Index the cells' conditions and compute their anchors.
 
     Parameters
@@ -163,8 +163,9 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, x_me
         Condition key of each training cell.
     groups
         (n_cells,) covariate-group code of each cell (shifts are taken within a group).
-    x_mean_fn
-        ``x_mean_fn(cell_indices) -> (G,)`` mean expression of those cells.
+    rows
+        The cells' expression rows (``rows(idx)``, ``n_obs``, ``n_vars``): the mean of every
+        (condition, group) is computed in one chunked pass (:func:`~celldit.data.rows.group_sums`).
     n_genes
         G.
     anchored
@@ -174,6 +175,8 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, x_me
     -------
     The table and the (n_cells,) condition row of every cell.
     """
+    from ..data.rows import group_sums
+
     control = ((), ())
     uniq = [control] + sorted(set(keys) - {control})
     table_rows = {k: i for i, k in enumerate(uniq)}
@@ -182,11 +185,15 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, x_me
     shifts: dict[tuple[int, int], np.ndarray] = {}
     ctrl_means: dict[int, np.ndarray] = {}
     if anchored:
-        ctrl_means = {int(g): x_mean_fn(idx) for g in np.unique(groups)
-                      if (idx := np.flatnonzero((cond_id == 0) & (groups == g))).size}
+        groups = np.asarray(groups, dtype=np.int64)
+        n_groups = int(groups.max()) + 1 if groups.size else 1
+        pair = cond_id * n_groups + groups
+        sums, sizes = group_sums(rows, pair, len(uniq) * n_groups)
+        means = {(int(p) // n_groups, int(p) % n_groups): (sums[p] / sizes[p]).astype(np.float32)
+                 for p in np.flatnonzero(sizes)}
+        ctrl_means = {g: m for (r, g), m in means.items() if r == 0}
         for row in range(1, len(uniq)):
-            mine = {g: x_mean_fn(np.flatnonzero((cond_id == row) & (groups == g))) - ctrl_means[g]
-                    for g in map(int, np.unique(groups[cond_id == row])) if g in ctrl_means}
+            mine = {g: m - ctrl_means[g] for (r, g), m in sorted(means.items()) if r == row and g in ctrl_means}
             if mine:
                 anchors[row] = np.mean(list(mine.values()), axis=0)
             if len(mine) > 1:  # with one group its shift is the anchor, in every group

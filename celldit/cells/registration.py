@@ -102,8 +102,7 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     cov_group = group_codes(cov_frame)
     pair_group = group_codes(pd.concat([cov_frame, adata.obs[list(config.pair_keys)].astype(str)], axis=1))
     use_anchor = config.anchor and config.source == "control"
-    table, cond_id = build_condition_table(keys, cov_group, lambda idx: rows.all_rows(idx).mean(0),
-                                           len(genes), anchored=use_anchor)
+    table, cond_id = build_condition_table(keys, cov_group, rows, len(genes), anchored=use_anchor)
     cov_key = cov_frame.agg("\x1f".join, axis=1) if cov_frame.shape[1] else pd.Series("", index=cov_frame.index)
     trained_groups = sorted({f"{c}\x1e{g}" for c, g in zip(cond_id, cov_key)})
     ctrl_rows = np.flatnonzero(cond_id == 0)

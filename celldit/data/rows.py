@@ -27,7 +27,7 @@ from anndata import AnnData
 
 from .expression import TARGET_SUM, detect_space, gene_positions
 
-__all__ = ["ExpressionRows", "counts_source", "size_factors"]
+__all__ = ["ExpressionRows", "counts_source", "group_sums", "size_factors"]
 
 CHUNK = 8192  # rows read at once by the passes over a whole matrix
 
@@ -52,15 +52,6 @@ def counts_source(adata: AnnData, layer: str | None = None) -> tuple[Any, Sequen
         raise ValueError(f"layer={layer!r} (--layer): not in adata.layers (present: "
                          f"{', '.join(adata.layers.keys()) or 'none'}); use X, raw or one of those")
     return adata.layers[layer], list(map(str, adata.var_names)), f"layers[{layer!r}]"
-
-
-def _chunk(matrix, start: int, stop: int):
-    block = matrix[start:stop]
-    if sp.issparse(block):
-        return block.tocsr()
-    if hasattr(block, "to_memory"):  # anndata's backed sparse dataset
-        return block.to_memory().tocsr()
-    return np.asarray(block)
 
 
 def size_factors(adata: AnnData, key: str) -> np.ndarray:
@@ -189,18 +180,21 @@ class ExpressionRows:
             return np.zeros((0, self.n_vars), np.float32)
         return np.concatenate([self.rows(idx[s: s + chunk]) for s in range(0, len(idx), chunk)])
 
-    def sum_rows(self, groups: np.ndarray, n_groups: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
-        """Per-group sums (n_groups, G) and counts (n_groups,) of the rows, in one chunked
-        pass (``groups[i] < 0``: row i is skipped). Means of every condition at once, without
-        holding more than ``chunk`` rows."""
-        sums = np.zeros((n_groups, self.n_vars), np.float64)
-        counts = np.bincount(groups[groups >= 0], minlength=n_groups).astype(np.float64)
-        for s in range(0, self.n_obs, chunk):
-            g = groups[s: s + chunk]
-            keep = np.flatnonzero(g >= 0)
-            if keep.size == 0:
-                continue
-            x = self.rows(np.arange(s, s + len(g))[keep])
-            indicator = sp.csr_matrix((np.ones(len(keep)), (g[keep], np.arange(len(keep)))), shape=(n_groups, len(keep)))
-            sums += indicator @ x.astype(np.float64)
-        return sums, counts
+
+def group_sums(rows: Any, groups: np.ndarray, n_groups: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group sums (n_groups, G) and sizes (n_groups,) of ``rows`` (anything with ``rows(idx)``,
+    ``n_obs`` and ``n_vars``), in one chunked pass: a sparse indicator product per chunk, so the
+    means of every condition cost one read of the data and ``chunk`` rows of memory
+    (``groups[i] < 0``: row i is skipped)."""
+    groups = np.asarray(groups, dtype=np.int64)
+    sums = np.zeros((n_groups, rows.n_vars), np.float64)
+    sizes = np.bincount(groups[groups >= 0], minlength=n_groups).astype(np.float64)
+    for start in range(0, rows.n_obs, chunk):
+        g = groups[start: start + chunk]
+        keep = np.flatnonzero(g >= 0)
+        if keep.size == 0:
+            continue
+        x = rows.rows(start + keep)
+        indicator = sp.csr_matrix((np.ones(len(keep)), (g[keep], np.arange(len(keep)))), shape=(n_groups, len(keep)))
+        sums += indicator @ x.astype(np.float64)
+    return sums, sizes

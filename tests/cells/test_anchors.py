@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from anndata import AnnData
-from conftest import shared_data
+from conftest import ArrayRows, make_adata, shared_data
 
 from celldit.cells.anchors import ConditionTable, build_condition_table, cell_conditions
 from celldit.cells.vocab import PAD, PerturbationVocab, parse_condition, parse_dose
@@ -26,11 +26,10 @@ def condition_key(names, doses=None):
 # -- vocabulary and conditions --------------------------------------------------------------
 def gears_adata(dose: bool = False) -> AnnData:
     labels = ["ctrl", "ctrl", "A+ctrl", "ctrl+B", "A+B", "C+ctrl", "A+ctrl"]
-    obs = pd.DataFrame({"condition": labels, "cell_type": ["T", "B", "T", "B", "T", "T", "B"]},
-                       index=[f"c{i}" for i in range(len(labels))])
+    obs = {"cell_type": ["T", "B", "T", "B", "T", "T", "B"]}
     if dose:
         obs["dose"] = [0.0, 0.0, 10.0, 100.0, "1+10", 10.0, 10.0]
-    return AnnData(np.ones((len(labels), 2), np.float32), obs=obs)
+    return make_adata(labels, 2, key="condition", obs=obs)
 
 
 def test_vocab_parses_gears_labels_and_pads_rows():
@@ -93,7 +92,7 @@ def test_condition_table_anchors_are_mean_shifts_averaged_over_groups():
     groups = np.array([0, 0, 1, 0, 0, 1, 1, 1, 2])
     ctrl, a, b = condition_key([]), condition_key(["A"]), condition_key(["B"])
     keys = [ctrl, ctrl, ctrl, a, a, a, b, b, b]
-    table, cond_id = build_condition_table(keys, groups, lambda idx: x[idx].mean(0), 2)
+    table, cond_id = build_condition_table(keys, groups, ArrayRows(x), 2)
     assert table.keys == [ctrl, a, b]
     np.testing.assert_array_equal(cond_id, [0, 0, 0, 1, 1, 1, 2, 2, 2])
     np.testing.assert_allclose(table.anchors, [[0, 0], [2.5, 3.0], [3.0, 1.0]])
@@ -109,7 +108,7 @@ def test_condition_table_anchors_are_mean_shifts_averaged_over_groups():
     np.testing.assert_allclose(table.held_out_anchor(1, 0), [1.0, 4.0])
     np.testing.assert_allclose(table.held_out_anchor(1, 1), [4.0, 2.0])
     assert table.held_out_anchor(2, 1) is None  # B: trained in group 1 only
-    flat, _ = build_condition_table(keys, groups, lambda idx: x[idx].mean(0), 2, anchored=False)
+    flat, _ = build_condition_table(keys, groups, ArrayRows(x), 2, anchored=False)
     np.testing.assert_array_equal(flat.anchors, np.zeros((3, 2)))
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
+from conftest import ArrayRows, make_adata
 from scipy.optimize import linear_sum_assignment
 
 from celldit.cells.anchors import ConditionTable
@@ -31,11 +32,8 @@ def gene_names(g: int) -> list[str]:
 
 
 def counts_adata(n: int = 40, g: int = 12, seed: int = 0, sparse: bool = True) -> AnnData:
-    rng = np.random.default_rng(seed)
-    c = rng.poisson(rng.uniform(0.5, 6.0, g), size=(n, g)).astype(np.float32)
-    c[:, 0] += 1  # every cell has counts
-    x = sp.csr_matrix(c) if sparse else c
-    return AnnData(x, obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]), var=pd.DataFrame(index=gene_names(g)))
+    level = np.random.default_rng(seed + 1).uniform(0.5, 6.0, g)
+    return make_adata(["control"] * n, g, level=level, sparse=sparse, seed=seed)
 
 
 def by_hand(counts: np.ndarray) -> np.ndarray:
@@ -200,16 +198,6 @@ def paired_data(orphan_group: bool = False, seed: int = 0):
     x[:, 0] = np.arange(n)
     x[:, 1] = 10.0 * (group + 1)
     return ArrayRows(x), x, cond, group
-
-
-class ArrayRows:
-    """Rows of an array as they are (PairedBatches only reads rows; ids stay exact)."""
-
-    def __init__(self, x: np.ndarray):
-        self.x, (self.n_obs, self.n_vars) = x, x.shape
-
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        return self.x[np.asarray(idx)]
 
 
 def make_batches(expr, cond, group, **kwargs) -> PairedBatches:

@@ -9,8 +9,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 from anndata import AnnData
+from conftest import make_adata
 
 from celldit.cli import evaluate as evaluate_cli
 from celldit.data.spec import PerturbationSpec
@@ -22,22 +22,11 @@ SHIFTS = {"ctrl": 0, "KO1": 3, "KO2": -2}
 
 
 def _counts(seed: int, n: int = 40, reps=("r1", "r2")) -> AnnData:
-    """Raw counts: each knockout moves a few genes; two replicates."""
-    rng = np.random.default_rng(seed)
-    blocks, labels, rep = [], [], []
-    for label, shift in SHIFTS.items():
-        for r in reps:
-            rate = np.full(N_GENES, 4.0)
-            rate[:5] = np.maximum(rate[:5] + shift, 0.5)
-            blocks.append(rng.poisson(rate, size=(n, N_GENES)))
-            labels += [label] * n
-            rep += [r] * n
-    x = sp.csr_matrix(np.vstack(blocks).astype(np.float32))
-    obs = pd.DataFrame({"perturbation": labels, "rep": rep},
-                       index=[f"cell{i}" for i in range(len(labels))])
-    out = AnnData(x, obs=obs)
-    out.var_names = [f"gene{i}" for i in range(N_GENES)]
-    return out
+    """Raw counts (rate 4): each knockout moves genes 0-4 (KO1 to rate 7, KO2 to rate 2); replicates."""
+    effects = {label: dict.fromkeys(range(5), np.log(max(4.0 + shift, 0.5) / 4.0)) for label, shift in SHIFTS.items()}
+    labels = [label for label in SHIFTS for _ in range(n * len(reps))]
+    rep = [r for r in reps for _ in range(n)]
+    return make_adata(labels, N_GENES, effects=effects, obs={"rep": rep}, gene_prefix="gene", seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
-from conftest import shared_data
+from conftest import make_adata, shared_data
 
 from celldit.data.expression import check_expression, log_normalize
 from celldit.data.spec import PerturbationSpec
 
 
-def _adata(labels, x=None, **obs):
-    n = len(labels)
-    x = np.arange(n * 3, dtype=np.float32).reshape(n, 3) if x is None else x
-    frame = pd.DataFrame({"condition": labels, **obs}, index=[f"c{i}" for i in range(n)])
-    return AnnData(x, obs=frame)
+def _adata(labels, **obs):
+    return make_adata(labels, 3, key="condition", obs=obs)
 
 
 def test_parse_gears_labels():

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 from anndata import AnnData
-from conftest import shared_data
+from conftest import make_adata, shared_data
 
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import (
@@ -21,9 +20,7 @@ from celldit.data.splits import (
 
 
 def _adata(labels, **obs):
-    n = len(labels)
-    frame = pd.DataFrame({"condition": labels, **obs}, index=[f"c{i}" for i in range(n)])
-    return AnnData(np.ones((n, 2), dtype=np.float32), obs=frame)
+    return make_adata(labels, 2, key="condition", obs=obs)
 
 
 GEARS = ["ctrl", "ctrl", "A+ctrl", "ctrl+B", "C+ctrl", "A+B", "A+C", "C+D", "D+ctrl", "B+D"]
