@@ -231,6 +231,13 @@ class CellFitConfig(FitConfig):
         Period, in steps, of the validation score.
     early_stopping_patience
         Stop when the validation score has not improved for this many validations (null: never).
+    num_workers
+        DataLoader worker processes building batches (each draws distinct batches; the same
+        batches as with none).
+    buffer_cells
+        Data read from disk (backed): batches are drawn from a buffer of this many cells, read
+        as contiguous chunks and renewed every 4 * buffer_cells / batch_size steps (null: read
+        the drawn rows directly). In-memory data ignore it.
     """
 
     max_steps: int = option(1500, ge=1)
@@ -244,4 +251,6 @@ class CellFitConfig(FitConfig):
     validation_fraction: float = option(0.0, ge=0, lt=1)
     validation_every_n_steps: int = option(100, ge=1)
     early_stopping_patience: int | None = option(None, ge=1)
+    num_workers: int = option(0, ge=0)
+    buffer_cells: int | None = option(65_536, ge=1)
     trainer: TrainerConfig = option(default_factory=TrainerConfig)

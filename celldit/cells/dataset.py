@@ -17,7 +17,7 @@ import warnings
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.rows import ExpressionRows
 from ..flow.coupling import anchored_source, ot_pair_blocks
@@ -43,7 +43,7 @@ class CenteredRows:
     def __init__(self, expr: ExpressionRows, centers: np.ndarray, batch: np.ndarray):
         self.expr, self.centers, self.batch = expr, centers.astype(np.float32), np.asarray(batch)
         self.genes, self.n_obs, self.counts = expr.genes, expr.n_obs, expr.counts
-        self.library_sizes = expr.library_sizes
+        self.library_sizes, self.cache, self.backed = expr.library_sizes, expr.cache, expr.backed
 
     @property
     def n_vars(self) -> int:
@@ -58,6 +58,11 @@ class CenteredRows:
 
 class PairedBatches(IterableDataset):
     """Batches of (source control cell, target cell, condition) for flow matching.
+
+    Batch ``i`` of an epoch is drawn from its own random stream, seeded by ``(seed, epoch,
+    rank, i)``: the same batches whatever the number of DataLoader workers (worker ``w`` of
+    ``W`` builds the batches ``i = w mod W``), distinct batches on every DDP rank, and a
+    resumed run continues at its step without replaying the draws.
 
     Parameters
     ----------
@@ -90,7 +95,7 @@ class PairedBatches(IterableDataset):
     steps
         Batches per epoch.
     seed
-        Seed of the draws (re-seeded per epoch).
+        Seed of the draws.
     fixed
         Draw the same batches every epoch, with times ``t`` on a fixed grid (validation).
     covariate_dropout, unknown_cov, cov_group, held_out_anchor
@@ -99,6 +104,12 @@ class PairedBatches(IterableDataset):
         (``group`` from the (n_cells,) covariate-group codes ``cov_group``) gives one, the
         anchor a covariate group never trained with the condition would get. Training then
         poses the question asked of a held-out cell type.
+    buffer_cells
+        Data on disk (backed): draw each run of ``buffer_steps`` batches from a buffer of
+        this many cells, read as contiguous chunks of ``chunk_rows`` rows (chunk-shuffled
+        buffers, as annbatch does) instead of row by row. None: draw from every cell.
+    chunk_rows
+        Rows of a contiguous chunk of the buffer.
     """
 
     def __init__(self, expr: ExpressionRows | CenteredRows, cond_id: np.ndarray, group_id: np.ndarray, cells: np.ndarray,
@@ -107,49 +118,92 @@ class PairedBatches(IterableDataset):
                  block_size: int = 64, ot: bool = True, steps: int = 100, seed: int = 0,
                  ot_basis: np.ndarray | None = None, covariate_dropout: float = 0.0,
                  unknown_cov: np.ndarray | None = None, cov_group: np.ndarray | None = None,
-                 held_out_anchor=None, fixed: bool = False):
+                 held_out_anchor=None, fixed: bool = False, buffer_cells: int | None = None,
+                 chunk_rows: int = 2048):
         super().__init__()
         self.expr, self.cov_idx = expr, cov_idx
+        self.cond_id, self.group_id, self.control_cond = np.asarray(cond_id), np.asarray(group_id), control_cond
+        self.include_control = include_control
         self.pert_idx, self.pert_scale, self.anchors = pert_idx, pert_scale, anchors
         self.ot_basis = None if ot_basis is None else np.asarray(ot_basis, dtype=np.float32)
         self.batch_size, self.block_size, self.ot, self.steps, self.seed = batch_size, block_size, ot, steps, seed
-        self.epoch, self.fixed = 0, fixed
-        self.start_step = 0  # batches of the first epoch already trained (set when resuming)
-        cells = np.asarray(cells)
-        is_ctrl = cond_id[cells] == control_cond
-        self.controls = {g: cells[is_ctrl & (group_id[cells] == g)] for g in np.unique(group_id[cells])}
-        strata: dict[tuple[int, int], list[int]] = {}
-        for c in cells if include_control else cells[~is_ctrl]:
-            strata.setdefault((int(cond_id[c]), int(group_id[c])), []).append(c)
-        orphan = [k for k in strata if self.controls.get(k[1], np.empty(0)).size == 0]
-        if orphan:
-            warnings.warn(f"{sum(len(strata[k]) for k in orphan)} target cells have no control cell "
+        self.epoch, self.fixed, self.rank = 0, fixed, 0
+        self.start_step = 0  # batches of the epoch already trained (set when resuming)
+        self.cells = np.sort(np.asarray(cells, dtype=np.int64))
+        self.covariate_dropout = covariate_dropout if unknown_cov is not None and cov_idx.shape[1] else 0.0
+        self.unknown_cov = unknown_cov
+        self.cov_group, self.held_out_anchor_fn = cov_group, held_out_anchor
+        self._set_strata(self.cells, warn=True)
+        use_buffer = buffer_cells and getattr(expr, "backed", False) and buffer_cells < len(self.cells)
+        self.buffer_cells = buffer_cells if use_buffer else None
+        self.chunk_rows = chunk_rows
+        self.buffer_steps = max(1, 4 * (self.buffer_cells or 0) // batch_size)
+        self._buffer_id: int | None = None
+
+    # ------------------------------------------------------------------ strata
+    def _set_strata(self, cells: np.ndarray, warn: bool = False) -> None:
+        """Blocks are drawn from the strata (condition, pairing group) of ``cells``."""
+        cond, group = self.cond_id[cells], self.group_id[cells]
+        is_ctrl = cond == self.control_cond
+        order = np.argsort(group[is_ctrl], kind="stable")
+        ctrl_cells, ctrl_groups = cells[is_ctrl][order], group[is_ctrl][order]
+        bounds = np.flatnonzero(np.diff(ctrl_groups)) + 1
+        self.controls = {int(g[0]): c for g, c in zip(np.split(ctrl_groups, bounds), np.split(ctrl_cells, bounds))
+                         if len(c)}
+        targets = np.ones(len(cells), bool) if self.include_control else ~is_ctrl
+        key = cond[targets].astype(np.int64) * (int(self.group_id.max()) + 1) + group[targets]
+        order = np.argsort(key, kind="stable")
+        t_cells, t_key = cells[targets][order], key[order]
+        bounds = np.flatnonzero(np.diff(t_key)) + 1
+        strata = [((int(self.cond_id[c[0]]), int(self.group_id[c[0]])), c)
+                  for c in np.split(t_cells, bounds) if len(c)]
+        orphan = [(k, c) for k, c in strata if k[1] not in self.controls]
+        if orphan and warn:
+            warnings.warn(f"{sum(len(c) for _, c in orphan)} target cells have no control cell "
                           "in their pairing group (same covariates / pairing keys) and are skipped", UserWarning,
-                          stacklevel=2)
-        self.strata = [(k, np.asarray(v)) for k, v in sorted(strata.items()) if k not in orphan]
+                          stacklevel=3)
+        self.strata = [(k, c) for k, c in strata if k[1] in self.controls]
         if not self.strata:
+            if warn and not (~is_ctrl).any():
+                raise ValueError("there are no perturbed cells to train on: every training cell is a control cell")
             raise ValueError("no training pairs: no target cell shares a pairing group with control cells")
         sizes = np.array([len(v) for _, v in self.strata], dtype=np.float64)
         self.weights = sizes / sizes.sum()
-        self.covariate_dropout = covariate_dropout if unknown_cov is not None and cov_idx.shape[1] else 0.0
-        self.unknown_cov = unknown_cov
         self.hidden_anchor: dict[int, np.ndarray] = {}  # stratum -> anchor with its covariates hidden
-        if self.covariate_dropout and anchors is not None and held_out_anchor is not None:
-            for i, ((cond, _), members) in enumerate(self.strata):
-                a = held_out_anchor(cond, int(cov_group[members[0]]))
+        if self.covariate_dropout and self.anchors is not None and self.held_out_anchor_fn is not None:
+            for i, ((cond_i, _), members) in enumerate(self.strata):
+                a = self.held_out_anchor_fn(cond_i, int(self.cov_group[members[0]]))
                 if a is not None:
                     self.hidden_anchor[i] = a
 
+    def _use_buffer(self, step: int, worker: int) -> None:
+        """Load the buffer of the run of batches ``step`` belongs to (contiguous chunks of cells)."""
+        buffer_id = step // self.buffer_steps
+        if buffer_id == self._buffer_id:
+            return
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1_000_003, buffer_id])
+        n_chunks = -(-len(self.cells) // self.chunk_rows)
+        take = rng.permutation(n_chunks)[: max(1, self.buffer_cells // self.chunk_rows)]
+        cells = np.concatenate([self.cells[c * self.chunk_rows:(c + 1) * self.chunk_rows] for c in np.sort(take)])
+        self.expr.cache(cells)
+        self._set_strata(cells)
+        self._buffer_id = buffer_id
+
+    # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
         self.epoch += 0 if self.fixed else 1
-        for _ in range(self.start_step):  # resuming: the same stream, draws only (no reads)
-            self.draw(rng)
-        for _ in range(self.start_step, self.steps):
-            yield self.load(self.draw(rng))
+        for i in range(self.start_step, self.steps):
+            if i % n_workers != worker:
+                continue
+            if self.buffer_cells:
+                self._use_buffer(i, worker)
+            yield self.load(self.draw(np.random.default_rng([self.seed, epoch, self.rank, i])))
         self.start_step = 0
 
     def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -208,18 +262,22 @@ class CellDataModule(L.LightningDataModule):
     """Lightning wrapper of a training :class:`PairedBatches`.
 
     When Lightning resumes from a checkpoint, the global step is restored before the
-    dataloader is built; the batches then continue the same stream where it stopped.
+    dataloader is built; the batches then continue the same stream where it stopped. Under
+    DDP each rank draws its own batches; ``num_workers`` DataLoader workers build them in
+    parallel (the same batches as without workers).
     """
 
-    def __init__(self, train: PairedBatches, validation: PairedBatches | None = None):
+    def __init__(self, train: PairedBatches, validation: PairedBatches | None = None, num_workers: int = 0):
         super().__init__()
-        self.train_set, self.val_set = train, validation
+        self.train_set, self.val_set, self.num_workers = train, validation, num_workers
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if trainer is not None:
             self.train_set.start_step = int(trainer.global_step) * int(trainer.accumulate_grad_batches)
-        return DataLoader(self.train_set, batch_size=None)
+            self.train_set.rank = int(trainer.global_rank)  # each DDP rank draws its own batches
+        return DataLoader(self.train_set, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else DataLoader(self.val_set, batch_size=None)

@@ -19,6 +19,8 @@ saving                  :mod:`celldit.cells.checkpoint` (model folders, format v
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -155,10 +157,18 @@ class CellDiT:
             weight_decay=fit_config.weight_decay, betas=fit_config.betas, warmup_steps=fit_config.warmup_steps,
             lr_schedule=fit_config.lr_schedule, min_lr_ratio=fit_config.min_lr_ratio, ema_decay=fit_config.ema_decay)
         trainer_config = fit_config.trainer
-        losses = LossHistory(print_every=None if show_progress_bar(trainer_config) else trainer_config.log_every_n_steps)
-        fit_plan(self.plan, CellDataModule(train, validation), trainer_config, max_steps=fit_config.max_steps,
-                 run_dir=run_dir, seed=seed, ckpt_path=resume, callbacks=[losses, *validation_callbacks(fit_config)],
-                 val_check_interval=fit_config.validation_every_n_steps if validation is not None else None)
+        with tempfile.TemporaryDirectory() as tmp:
+            # under a spawning strategy the callbacks run in other processes: rank 0 writes the curve to a file
+            spawned = "spawn" in str(trainer_config.strategy)
+            losses = LossHistory(path=Path(tmp) / "losses.json" if spawned else None,
+                                 print_every=None if show_progress_bar(trainer_config) else trainer_config.log_every_n_steps)
+            fit_plan(self.plan, CellDataModule(train, validation, fit_config.num_workers), trainer_config,
+                     max_steps=fit_config.max_steps, run_dir=run_dir, seed=seed, ckpt_path=resume,
+                     callbacks=[losses, *validation_callbacks(fit_config)],
+                     val_check_interval=fit_config.validation_every_n_steps if validation is not None else None)
+            if spawned and losses.path.is_file():
+                curve = json.loads(losses.path.read_text())
+                losses.losses, losses.steps, losses.wall_s = curve["losses"], curve["steps"], curve["wall_s"]
         self.network = self.plan.sampling_network(use_ema=True).to("cpu").eval()
         self.history = {"steps": len(losses.losses), "final_loss": losses.smoothed(50), "losses": losses.losses,
                         "loss_steps": losses.steps, "train_s": round(losses.wall_s, 2)}
@@ -184,7 +194,8 @@ class CellDiT:
                 block_size=fit_config.block_size, ot=c.ot, steps=steps, seed=stream_seed, ot_basis=d.ot_basis,
                 covariate_dropout=c.covariate_dropout, cov_group=d.cov_group,
                 unknown_cov=np.array([len(v) for v in self.vocab.covariates.values()], dtype=np.int64),
-                held_out_anchor=self.conditions.held_out_anchor, fixed=fixed)
+                held_out_anchor=self.conditions.held_out_anchor, fixed=fixed,
+                buffer_cells=None if fixed else fit_config.buffer_cells)
 
         validation = None if val_cells is None else batches(val_cells, 4, seed + 1, fixed=True)
         return batches(train_cells, fit_config.max_steps, seed), validation

@@ -200,14 +200,15 @@ def select_genes(adata: AnnData, genes: str | Sequence[str] = "all", n_top_genes
     return genes
 
 
-def detect_space(matrix, where: str = "X", input_space: str = "auto", basis_columns: np.ndarray | None = None,
-                 chunk: int = 8192, target_sum: float = TARGET_SUM) -> tuple[str, np.ndarray]:
-    """What ``matrix`` holds, checked over every value in one chunked pass.
+def detect_space(blocks, where: str = "X", input_space: str = "auto", basis_columns: np.ndarray | None = None,
+                 target_sum: float = TARGET_SUM) -> tuple[str, np.ndarray]:
+    """What a matrix holds, checked over every value in one pass over its row blocks.
 
     Parameters
     ----------
-    matrix
-        Cells x genes: dense, scipy sparse, or a backed (on-disk) matrix.
+    blocks
+        The matrix (dense or scipy sparse, read in chunks of 8,192 rows), or an iterable of
+        its consecutive row blocks (e.g. chunks read from a file on disk).
     where
         Its name in error messages (``"X"``, ``"layers['counts']"``).
     input_space
@@ -229,11 +230,12 @@ def detect_space(matrix, where: str = "X", input_space: str = "auto", basis_colu
     """
     if input_space not in INPUT_SPACES:
         raise ValueError(f"input_space={input_space!r} (--input-space): choose one of {list(INPUT_SPACES)}")
-    n = matrix.shape[0]
-    totals = np.zeros(n, np.float64)
+    if hasattr(blocks, "shape"):
+        matrix = blocks
+        blocks = (matrix[s: s + 8192] for s in range(0, matrix.shape[0], 8192))
+    totals = []
     integer, vmax = True, 0.0
-    for start in range(0, n, chunk):
-        block = matrix[start: start + chunk]
+    for block in blocks:
         if hasattr(block, "to_memory"):
             block = block.to_memory()
         if not sp.issparse(block):
@@ -244,7 +246,8 @@ def detect_space(matrix, where: str = "X", input_space: str = "auto", basis_colu
             vmax = max(vmax, float(values.max()))
             integer = integer and bool(np.all(np.mod(values, 1) == 0))
         picked = block if basis_columns is None else block[:, basis_columns]
-        totals[start: start + block.shape[0]] = np.asarray(picked.sum(1), dtype=np.float64).ravel()
+        totals.append(np.asarray(picked.sum(1), dtype=np.float64).ravel())
+    totals = np.concatenate(totals) if totals else np.zeros(0)
     limit = float(np.log1p(target_sum)) + 1e-3
     if input_space == "auto":
         if where == "layers['counts']" and not integer:

@@ -70,6 +70,11 @@ def size_factors(adata: AnnData, key: str) -> np.ndarray:
 class ExpressionRows:
     """Cells of an AnnData in model space, densified a batch of rows at a time.
 
+    A backed AnnData (or a view of one) is read from its file: rows in sorted runs, each run
+    as one contiguous slice, so that nothing is ever read row by row; :meth:`cache` holds a
+    chosen set of rows (e.g. a training buffer of contiguous chunks) in memory. The object
+    pickles without its open file (DataLoader workers reopen it).
+
     Parameters
     ----------
     adata
@@ -104,41 +109,66 @@ class ExpressionRows:
     def __init__(self, adata: AnnData, genes: Sequence[str] | None = None, *, layer: str | None = None,
                  input_space: str = "auto", size_factor_key: str | None = None,
                  basis_genes: Sequence[str] | None = None, target_sum: float = TARGET_SUM, warn_log1p: bool = True):
+        self.backed = bool(adata.isbacked)
+        self._layer = layer
+        self._path = str(adata.filename) if self.backed else None
+        if self.backed:  # the file's own matrix, and where this AnnData's rows lie in it
+            file_rows = _rows_in_file(adata)
+            adata = _open(self._path)
+        else:
+            file_rows = None
         self._matrix, source_genes, self.where = counts_source(adata, layer)
+        self._file_rows = file_rows
+        self.n_obs = len(file_rows) if file_rows is not None else adata.n_obs
         self.genes = list(source_genes) if genes is None else list(map(str, genes))
         self.columns = gene_positions(source_genes, self.genes)
         self.target_sum = float(target_sum)
-        self.n_obs = adata.n_obs
-        self.backed = bool(adata.isbacked)
         basis_cols, missing = None, []
         if basis_genes is not None:
             lookup = {g: i for i, g in enumerate(source_genes)}
             missing = [g for g in basis_genes if g not in lookup]
             basis_cols = None if missing else np.array([lookup[g] for g in basis_genes], dtype=np.int64)
-        self.space, totals = detect_space(self._matrix, self.where, input_space, basis_cols, chunk=CHUNK)
+        blocks = (self._source_block(np.arange(s, min(self.n_obs, s + CHUNK))) for s in range(0, self.n_obs, CHUNK))
+        self.space, totals = detect_space(blocks, self.where, input_space, basis_cols)
+        if self.space == "log1p" and input_space == "auto" and warn_log1p:
+            warnings.warn(f"{self.where} holds non-integer values: taking it as log1p(normalize_total(counts, 1e4)) "
+                          "(declare input_space='log1p' to silence this, or 'counts')", UserWarning, stacklevel=2)
         if missing and self.space == "counts" and size_factor_key is None:
             shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
             raise ValueError(f"the input lacks {len(missing)} of the {len(basis_genes)} genes the model's library "
                              f"sizes were counted over ({shown}), so its counts cannot be normalised as in training; "
                              "give each cell's library size in an obs column (size_factor_key=..., --size-factor-key) "
                              "or log1p(normalize_total(counts, 1e4)) values computed on the full gene set")
-        if self.space == "log1p" and input_space == "auto" and warn_log1p:
-            warnings.warn(f"{self.where} holds non-integer values: taking it as log1p(normalize_total(counts, 1e4)) "
-                          "(declare input_space='log1p' to silence this, or 'counts')", UserWarning, stacklevel=2)
+        obs_adata = adata if file_rows is None else None
         self.library: np.ndarray | None = None
+        if size_factor_key is not None:
+            sizes = size_factors(obs_adata if obs_adata is not None else adata, size_factor_key)
+            self.library = sizes if file_rows is None else sizes[file_rows]
         if self.space == "log1p":
             self.basis: dict[str, Any] = {"kind": "none"}
-            if size_factor_key is not None:
-                self.library = size_factors(adata, size_factor_key)
         elif size_factor_key is not None:
-            self.library = size_factors(adata, size_factor_key)
             self.basis = {"kind": "size_factor_key", "key": size_factor_key}
         else:
             self.library = totals
             self.basis = {"kind": "total_counts", "n_genes": len(source_genes) if basis_cols is None else len(basis_cols)}
         if not self.backed and sp.issparse(self._matrix) and not isinstance(self._matrix, sp.csr_matrix):
             self._matrix = sp.csr_matrix(self._matrix)  # row reads
+        self._cache_index: np.ndarray | None = None
+        self._cache: Any = None
 
+    # ------------------------------------------------------------------ pickling (DataLoader workers)
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.backed:
+            state["_matrix"] = None  # an open file does not pickle: reopened on first read
+        return state
+
+    def _source(self):
+        if self._matrix is None:
+            self._matrix = counts_source(_open(self._path), self._layer)[0]
+        return self._matrix
+
+    # ------------------------------------------------------------------ reading
     @property
     def counts(self) -> bool:
         """Whether the source holds raw counts (normalised on read)."""
@@ -152,15 +182,48 @@ class ExpressionRows:
         """(len(idx),) library sizes of the cells ``idx`` (None for log1p input without size factors)."""
         return None if self.library is None else self.library[np.asarray(idx, dtype=np.int64)]
 
+    def _source_block(self, idx: np.ndarray):
+        """All columns of the source rows ``idx`` (sorted, unique), read in contiguous runs."""
+        matrix = self._source()
+        if not self.backed:
+            return matrix[idx]
+        rows = self._file_rows[idx]
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        parts = []
+        for run in runs:
+            block = matrix[int(run[0]): int(run[-1]) + 1]
+            parts.append(block.to_memory() if hasattr(block, "to_memory") else block)
+        if sp.issparse(parts[0]):
+            return sp.vstack(parts).tocsr()
+        return np.concatenate([np.asarray(p) for p in parts])
+
     def _read(self, idx: np.ndarray):
-        """The source rows ``idx`` (sorted unique for a backed file), model genes only."""
+        """The rows ``idx`` (any order), model genes only."""
+        if self._cache_index is not None:
+            pos = np.searchsorted(self._cache_index, idx)
+            if np.all(pos < len(self._cache_index)) and np.array_equal(self._cache_index[np.minimum(
+                    pos, len(self._cache_index) - 1)], idx):
+                return self._cache[pos]
         if not self.backed:
             block = self._matrix[idx]
             return block[:, self.columns] if sp.issparse(block) else np.asarray(block)[:, self.columns]
-        uniq, inverse = np.unique(idx, return_inverse=True)  # h5 reads want sorted unique rows
-        block = self._matrix[uniq]
-        block = block.tocsr() if sp.issparse(block) else np.asarray(block)
-        return block[inverse][:, self.columns]
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        block = self._source_block(uniq)
+        return block[:, self.columns][inverse]
+
+    def cache(self, idx: np.ndarray) -> None:
+        """Hold the rows ``idx`` (model genes, as stored) in memory; later reads of them come
+        from there. Replaces the previous cache; an empty ``idx`` clears it."""
+        idx = np.unique(np.asarray(idx, dtype=np.int64))
+        if idx.size == 0:
+            self._cache_index, self._cache = None, None
+            return
+        self._cache_index, self._cache = None, None
+        block = self._source_block(idx) if self.backed else self._matrix[idx]
+        self._cache = block[:, self.columns]
+        if sp.issparse(self._cache):
+            self._cache = sp.csr_matrix(self._cache)
+        self._cache_index = idx
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """(len(idx), n_genes) float32 expression of the cells ``idx`` (any order, repeats allowed)."""
@@ -179,6 +242,22 @@ class ExpressionRows:
         if idx.size == 0:
             return np.zeros((0, self.n_vars), np.float32)
         return np.concatenate([self.rows(idx[s: s + chunk]) for s in range(0, len(idx), chunk)])
+
+
+def _open(path: str) -> AnnData:
+    import anndata as ad
+
+    return ad.read_h5ad(path, backed="r")
+
+
+def _rows_in_file(adata: AnnData) -> np.ndarray:
+    """Row positions, in its file, of a backed AnnData or of a view of one."""
+    if not adata.is_view:
+        return np.arange(adata.n_obs)
+    index = adata._oidx
+    n_file = adata._adata_ref.n_obs
+    rows = np.arange(n_file)[index]
+    return np.asarray(rows, dtype=np.int64)
 
 
 def group_sums(rows: Any, groups: np.ndarray, n_groups: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:

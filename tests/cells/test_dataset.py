@@ -342,7 +342,7 @@ def test_group_without_controls_warns_and_is_skipped():
 def test_no_pairs_raise():
     expr, _x, cond, group = paired_data()
     only_ctrl = np.flatnonzero(cond == 0)
-    with pytest.raises(ValueError, match="no training pairs"):
+    with pytest.raises(ValueError, match="no perturbed cells"):
         PairedBatches(expr, cond, group, only_ctrl, 0, PERT_IDX, PERT_SCALE, group[:, None])
     # targets of group 0 with the controls of group 1 only
     cells = np.flatnonzero(((cond != 0) & (group == 0)) | ((cond == 0) & (group == 1)))
