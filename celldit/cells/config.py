@@ -127,7 +127,12 @@ class CellDiTConfig:
         of gene sets (MSigDB), a mapping of set name to genes (Python), or null to cluster
         genes by co-expression.
     n_modules
-        Number of clustered modules (null: ceil(G / 16)).
+        Number of clustered modules (null: ceil(G / 16), at most 128, so that the token count
+        stays bounded as genes grow).
+    gene_latent_tokens
+        Gene tokenizer: genes are read into this many latent tokens by cross-attention
+        (Perceiver IO), which the backbone works on; "auto": max(32, sqrt(G)); null: one
+        backbone token per gene (O(G^2) attention).
     latent_dim
         Latent tokenizer: width of the PCA codec.
     token_dim
@@ -177,6 +182,7 @@ class CellDiTConfig:
     perturbation_features: Any = "expression"
     modules: str | dict[str, list[str]] | None = None
     n_modules: int | None = option(None, ge=1)
+    gene_latent_tokens: int | str | None = "auto"
     latent_dim: int = option(32, ge=1)
     token_dim: int = option(4, ge=1)
     hidden_size: int = option(64, ge=1, le=65536)
@@ -203,6 +209,10 @@ class CellDiTConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"CellDiTConfig: hidden_size={self.hidden_size} is not divisible by "
                              f"num_heads={self.num_heads}")
+        if isinstance(self.gene_latent_tokens, str) and self.gene_latent_tokens != "auto":
+            raise ValueError(f"CellDiTConfig: gene_latent_tokens={self.gene_latent_tokens!r}: use 'auto', a number or None")
+        if isinstance(self.gene_latent_tokens, int) and self.gene_latent_tokens < 1:
+            raise ValueError(f"CellDiTConfig: gene_latent_tokens={self.gene_latent_tokens}: must be >= 1")
         if isinstance(self.genes, str) and self.genes not in ("all", "hvg") and not self.genes.startswith("var:"):
             raise ValueError(f"CellDiTConfig: genes={self.genes!r}: use 'all', 'hvg', 'var:COLUMN' or a list of genes")
 

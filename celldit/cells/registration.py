@@ -20,10 +20,10 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from ..data.expression import select_genes
-from ..data.rows import ExpressionRows, counts_source
+from ..data.rows import ExpressionRows, counts_source, select_genes
 from ..data.spec import PerturbationSpec
 from ..tokenizers import modules_from_correlation, modules_from_gene_sets, modules_from_labels
+from ..tokenizers.gene import default_latent_tokens
 from ..tokenizers.gene_module_builders import read_gmt
 from .anchors import ConditionTable, build_condition_table, cell_conditions
 from .config import CellDiTConfig
@@ -37,6 +37,7 @@ BANK_PER_GROUP = 500  # control cells per covariate group kept for generate() wi
 SAMPLE_CELLS = 20_000  # cells that fit the gene modules, the codec and the OT basis
 PRIOR_CELLS = 5_000  # control cells that build the expression prior features
 MAX_MODULE_SIZE = 64  # genes per module token (larger modules are split)
+MAX_DEFAULT_MODULES = 128  # the default module count stops growing here (tokens stay bounded)
 
 
 def group_codes(frame: pd.DataFrame) -> np.ndarray:
@@ -87,7 +88,8 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     spec.validate(adata)
     for key in config.pair_keys:
         spec._require_key(adata, key, "pair_keys")
-    genes = select_genes(adata, config.genes, config.n_top_genes)
+    genes = select_genes(adata, config.genes, config.n_top_genes, layer=config.layer, input_space=config.input_space,
+                         size_factor_key=config.size_factor_key, seed=config.seed)
     expr = ExpressionRows(adata, genes, layer=config.layer, input_space=config.input_space,
                           size_factor_key=config.size_factor_key)
     space = "log1p_normalized" if expr.counts else "as_given"
@@ -184,15 +186,17 @@ def gene_modules(modules: Any, adata: AnnData, genes: list[str], n_modules: int 
         return modules_from_gene_sets(genes, modules, max_size=MAX_MODULE_SIZE)
     if modules is not None:
         raise ValueError(f"modules={modules!r}: use var:COLUMN, a .gmt file, a mapping of gene sets or None")
-    return modules_from_correlation(x_sample, n_modules or math.ceil(len(genes) / 16), max_size=MAX_MODULE_SIZE,
-                                    seed=seed)
+    n = n_modules or min(math.ceil(len(genes) / 16), MAX_DEFAULT_MODULES)
+    return modules_from_correlation(x_sample, n, max_size=MAX_MODULE_SIZE, seed=seed)
 
 
 def tokenizer_kwargs(config: CellDiTConfig, adata: AnnData, genes: list[str], x_sample: np.ndarray) -> dict:
     """Constructor arguments of the model's tokenizer (``TOKENIZERS[config.tokenizer]``)."""
     G, D = len(genes), config.hidden_size
     if config.tokenizer == "gene":
-        return {"n_genes": G, "hidden_size": D}
+        latent = config.gene_latent_tokens
+        latent = default_latent_tokens(G) if latent == "auto" else latent
+        return {"n_genes": G, "hidden_size": D, "latent_tokens": latent, "num_heads": config.num_heads}
     if config.tokenizer == "latent":
         return {"n_genes": G, "hidden_size": D, "latent_dim": min(config.latent_dim, G, len(x_sample) - 1),
                 "token_dim": config.token_dim}

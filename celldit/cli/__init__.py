@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "counterfactual": "counterfactual",
     "generate": "generate",
     "evaluate": "evaluate",
+    "simulate": "simulate",
     "bench": "bench",
     "image": "image",
 }

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 __all__ = ["INPUT_SPACES", "LOG1P_MAX", "TARGET_SUM", "check_expression", "detect_space", "gene_positions",
-           "log_normalize", "select_genes"]
+           "log_normalize"]
 
 #: counts per cell after :func:`scanpy.pp.normalize_total`
 TARGET_SUM = 1e4
@@ -160,44 +160,6 @@ def gene_positions(var_names: Sequence[str], genes: Sequence[str], what: str = "
         shown = ", ".join(map(repr, missing[:8])) + (" ..." if len(missing) > 8 else "")
         raise ValueError(f"{len(missing)} of the {what} are not in adata.var_names: {shown}")
     return np.array([lookup[g] for g in genes], dtype=np.int64)
-
-
-def select_genes(adata: AnnData, genes: str | Sequence[str] = "all", n_top_genes: int = 2000) -> list[str]:
-    """The gene set a model works on, in ``var`` order unless a list is given.
-
-    ``"all"``; ``"hvg"``: scanpy's Seurat-flavour highly variable genes of the log-normalised
-    data (``n_top_genes`` of them); ``"var:COLUMN"``: the genes whose boolean ``var`` column
-    is true (e.g. ``var:highly_variable`` computed beforehand); or a list of gene names.
-    """
-    if isinstance(genes, str):
-        if genes == "all":
-            return list(map(str, adata.var_names))
-        if genes.startswith("var:"):
-            column = genes[4:]
-            if column not in adata.var.columns:
-                raise ValueError(f"genes={genes!r}: {column!r} is not a column of adata.var "
-                                 f"(columns: {list(adata.var.columns)[:20]})")
-            values = adata.var[column]
-            if values.dtype != bool:
-                raise ValueError(f"genes={genes!r}: adata.var[{column!r}] must be boolean (True for the genes to keep)")
-            chosen = [str(g) for g, keep in zip(adata.var_names, values.to_numpy()) if keep]
-            if not chosen:
-                raise ValueError(f"genes={genes!r}: no gene has adata.var[{column!r}] == True")
-            return chosen
-        if genes != "hvg":
-            raise ValueError(f"genes={genes!r}: use 'all', 'hvg', 'var:COLUMN' or a list of gene names")
-        import scanpy as sc
-
-        sample = adata if not adata.isbacked else adata[np.sort(np.random.default_rng(0).permutation(
-            adata.n_obs)[:20000])].to_memory()
-        norm = log_normalize(sample) if check_expression(sample.X) else sample
-        if n_top_genes >= norm.n_vars:
-            return list(map(str, adata.var_names))
-        hvg = sc.pp.highly_variable_genes(norm, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
-        return [g for g, keep in zip(map(str, norm.var_names), hvg["highly_variable"].to_numpy()) if keep]
-    genes = [str(g) for g in genes]
-    gene_positions(adata.var_names, genes)
-    return genes
 
 
 def detect_space(blocks, where: str = "X", input_space: str = "auto", basis_columns: np.ndarray | None = None,

@@ -94,6 +94,8 @@ def _parameters(rng: np.random.Generator, n_genes: int, n_perturbations: int, n_
     base = base_mean + rng.normal(0, 0.3, (n_cell_types, G))
     offsets = rng.normal(0, batch_effect, (n_batches, G))
     weights = rng.normal(0, 1, (P, K)) * (rng.random((P, K)) < 2.0 / max(K, 1))
+    empty = np.flatnonzero(~weights.any(1))  # every perturbation acts on at least one program
+    weights[empty, rng.integers(K, size=len(empty))] = rng.normal(0, 1, len(empty))
     strength = effect_size * rng.lognormal(0, 0.8, P) / (1 + rng.lognormal(0, 0.8, P))
     effects = strength[:, None] * (weights @ programs) * 2.0
     targets = np.where(rng.random(P) < measured_targets, rng.choice(G, P, replace=P > G), -1)

@@ -17,6 +17,9 @@ import scipy.sparse as sp
 
 #: cells used to estimate gene correlations (a random subsample beyond this)
 MAX_CORRELATION_CELLS = 50_000
+#: up to this many genes the squared-correlation affinity is formed and decomposed exactly;
+#: beyond, modules are found in a reduced space (:func:`_reduced_spectral_embedding`)
+EXACT_GENES = 2000
 
 
 def split_module(genes: Sequence[int], max_size: int | None = None) -> list[list[int]]:
@@ -158,26 +161,57 @@ def modules_from_correlation(
     n_genes = X.shape[1]
     if not 1 <= n_modules <= n_genes:
         raise ValueError(f"n_modules={n_modules} must be in [1, n_genes={n_genes}]")
-    affinity = gene_correlation(X, seed) ** 2  # (G, G)
     r = n_modules
-    if n_genes > 2000 and r < n_genes // 2:  # Lanczos for the top r of a large matrix
-        from scipy.sparse.linalg import eigsh
-
-        v0 = np.random.default_rng(seed).standard_normal(n_genes)
-        vals, vecs = eigsh(affinity, k=r, which="LA", v0=v0)
+    if n_genes > EXACT_GENES:
+        emb = _reduced_spectral_embedding(X, r, seed)
     else:
+        affinity = gene_correlation(X, seed) ** 2  # (G, G)
         from scipy.linalg import eigh
 
         vals, vecs = eigh(affinity, subset_by_index=[n_genes - r, n_genes - 1])
-    emb = vecs * np.sqrt(np.clip(vals, 0.0, None))  # (G, r)
+        emb = vecs * np.sqrt(np.clip(vals, 0.0, None))  # (G, r)
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     emb = np.divide(emb, norms, out=np.zeros_like(emb), where=norms > 1e-12)
     with warnings.catch_warnings():  # few distinct points (constant genes) are fine
         warnings.simplefilter("ignore")
-        labels = KMeans(n_clusters=n_modules, n_init=10, random_state=seed).fit_predict(emb)
+        labels = KMeans(n_clusters=n_modules, n_init=10 if n_genes <= EXACT_GENES else 3,
+                        random_state=seed).fit_predict(emb)
     modules = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
     modules.sort(key=lambda m: m[0])
     return [chunk for m in modules for chunk in split_module(m, max_size)]
+
+
+def _reduced_spectral_embedding(X, r: int, seed: int, k: int = 32) -> np.ndarray:
+    """(G, r) spectral embedding of the squared-correlation affinity without forming it.
+
+    The top ``k`` principal axes of the standardised cells give gene loadings ``l_g``
+    (G, k) with correlation ``r_gh ~ l_g . l_h``, so ``r_gh^2 ~ phi_g . phi_h`` with
+    ``phi_g = vec(l_g l_g^T)`` (its upper triangle, off-diagonal entries times sqrt(2)):
+    the affinity's leading eigenvectors are the leading left singular vectors of the
+    (G, k(k+1)/2) matrix ``Phi``. Cost O(cells x G x k), memory O(G x k^2), instead of the
+    G x G matrix and its eigensolver.
+    """
+    from sklearn.utils.extmath import randomized_svd
+
+    n = X.shape[0]
+    if n > MAX_CORRELATION_CELLS:
+        X = X[np.sort(np.random.default_rng(seed).choice(n, MAX_CORRELATION_CELLS, replace=False))]
+        n = MAX_CORRELATION_CELLS
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    Z = X.astype(np.float32) - X.mean(0, dtype=np.float64).astype(np.float32)
+    sd = Z.std(0)
+    Z /= np.where(sd > 0, sd, 1.0)
+    k = int(min(k, n - 1, Z.shape[1] - 1))
+    _, S, Vt = randomized_svd(Z, k, random_state=seed)
+    loadings = (Vt.T * (S / np.sqrt(n))).astype(np.float64)  # (G, k)
+    iu = np.triu_indices(k)
+    weight = np.where(iu[0] == iu[1], 1.0, np.sqrt(2.0))
+    phi = loadings[:, iu[0]] * loadings[:, iu[1]] * weight  # (G, k(k+1)/2)
+    U, S2, _ = randomized_svd(phi, min(r, phi.shape[1]), random_state=seed)
+    emb = U * S2  # scaled like the exact embedding (sqrt of the affinity's eigenvalues)
+    if emb.shape[1] < r:
+        emb = np.pad(emb, ((0, 0), (0, r - emb.shape[1])))
+    return emb
 
 
 def read_gmt(path) -> dict[str, list[str]]:

@@ -17,8 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from celldit.cells.anchors import ConditionTable
 from celldit.cells.dataset import PairedBatches
 from celldit.cells.vocab import PAD
-from celldit.data.expression import select_genes
-from celldit.data.rows import ExpressionRows
+from celldit.data.rows import ExpressionRows, select_genes
 
 
 def condition_key(names, doses=None):

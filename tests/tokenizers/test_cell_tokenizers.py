@@ -222,17 +222,52 @@ def test_gene_token_depends_on_its_gene_only():
     assert torch.equal(tok.decode(torch.arange(20.0).reshape(2, 10, 1)), torch.arange(20.0).reshape(2, 10))
 
 
+def test_gene_latents_read_every_gene_and_cost_grows_linearly():
+    """Perceiver IO read-in/read-out: L latent tokens whatever G; every gene moves every
+    latent, and each gene reads its own output from the latents."""
+    torch.manual_seed(0)
+    tok = GeneTokenizer(50, 16, value_hidden=8, latent_tokens=4, num_heads=4)
+    assert tok.num_tokens == 4 and tok.token_out_dim == 16
+    x = torch.randn(3, 50)
+    z = tok.encode(x)
+    assert z.shape == (3, 4, 16)
+    x2 = x.clone()
+    x2[:, 17] += 2.0
+    assert (tok.encode(x2) != z).all(-1).all()  # a single gene reaches every latent
+    torch.nn.init.normal_(tok.out.weight)
+    out = tok.decode(torch.randn(3, 4, 16))
+    assert out.shape == (3, 50) and torch.isfinite(out).all()
+    assert GeneTokenizer(**tok.config).config == tok.config
+    with pytest.raises(ValueError, match="latent_tokens=0"):
+        GeneTokenizer(10, 16, latent_tokens=0)
+
+
+def test_modules_in_a_reduced_space_for_many_genes(monkeypatch):
+    """Beyond EXACT_GENES genes, modules come from the squared correlation approximated in
+    a reduced space (no G x G matrix): the planted blocks are found as exactly."""
+    import celldit.tokenizers.gene_module_builders as builders
+
+    rng = np.random.default_rng(1)
+    n, g, k = 800, 120, 6
+    factors = rng.standard_normal((n, k))
+    X = np.repeat(factors, g // k, axis=1) * rng.choice([-1.0, 1.0], g) + 0.7 * rng.standard_normal((n, g))
+    exact = modules_from_correlation(X, k, seed=0)
+    monkeypatch.setattr(builders, "EXACT_GENES", 50)
+    assert modules_from_correlation(X, k, seed=0) == exact == [list(range(i, i + 20)) for i in range(0, g, 20)]
+
+
 # -- inside the DiT backbone -----------------------------------------------------------
 def _fitted_latent() -> LatentTokenizer:
     tok = LatentTokenizer(12, 32, latent_dim=5, token_dim=2, codec="autoencoder", codec_kwargs={"hidden": 8})
     return tok.fit(low_rank(n=100, g=12, rank=5, noise=0.1), epochs=1)
 
 
-@pytest.mark.parametrize("name", ["gene", "module", "latent"])
+@pytest.mark.parametrize("name", ["gene", "gene_latents", "module", "latent"])
 def test_tokenizers_inside_dit(name):
     torch.manual_seed(0)
     tok = {
         "gene": lambda: GeneTokenizer(12, 32, value_hidden=8),
+        "gene_latents": lambda: GeneTokenizer(12, 32, value_hidden=8, latent_tokens=3, num_heads=4),
         "module": lambda: GeneModuleTokenizer(12, 32, MODULES),
         "latent": _fitted_latent,
     }[name]()
