@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
-__all__ = ["INPUT_SPACES", "LOG1P_MAX", "TARGET_SUM", "check_expression", "detect_space", "gene_positions",
+__all__ = ["keep_torch_threads", "INPUT_SPACES", "LOG1P_MAX", "TARGET_SUM", "check_expression", "detect_space", "gene_positions",
            "log_normalize"]
 
 #: counts per cell after :func:`scanpy.pp.normalize_total`
@@ -71,6 +72,20 @@ def check_expression(matrix, where: str = "X", *, allow_negative: bool = False) 
             "log1p-normalised expression (scaled or centred data cannot be evaluated)"
         )
     return bool(np.all(np.mod(values, 1) == 0))
+
+
+@contextmanager
+def keep_torch_threads():
+    """Restore torch's CPU thread count after scanpy: its numba kernels run on the OpenMP
+    runtime torch uses and leave its thread count at numba's, so a caller's
+    ``torch.set_num_threads(n)`` would be silently undone (and idle threads spin)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def log_normalize(
@@ -139,14 +154,9 @@ def log_normalize(
         out.X = out.X.astype(np.float32)
     else:
         out.X = np.asarray(out.X, dtype=np.float32)
-    import torch
-
-    threads = torch.get_num_threads()
-    sc.pp.normalize_total(out, target_sum=target_sum)
-    sc.pp.log1p(out)
-    # scanpy's numba kernels run on the OpenMP runtime torch uses, and leave its thread
-    # count at numba's: a torch.set_num_threads(n) of the caller would be silently undone
-    torch.set_num_threads(threads)
+    with keep_torch_threads():
+        sc.pp.normalize_total(out, target_sum=target_sum)
+        sc.pp.log1p(out)
     out.uns.pop("log1p", None)
     out.uns["celldit_expression"] = {"space": "log1p_normalized", "source": source}
     return out

@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .expression import TARGET_SUM, detect_space, gene_positions
+from .expression import TARGET_SUM, detect_space, gene_positions, keep_torch_threads
 
 __all__ = ["ExpressionRows", "counts_source", "group_sums", "select_genes", "size_factors"]
 
@@ -321,7 +321,8 @@ def select_genes(adata: AnnData, genes: str | Sequence[str] = "all", n_top_genes
         sample = np.sort(np.random.default_rng(seed).permutation(rows.n_obs)[:HVG_CELLS])
         x = sp.vstack([sp.csr_matrix(rows.rows(sample[s: s + 2048])) for s in range(0, len(sample), 2048)])
         norm = AnnData(x, var=pd.DataFrame(index=pd.Index(source_genes)))
-        hvg = sc.pp.highly_variable_genes(norm, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
+        with keep_torch_threads():
+            hvg = sc.pp.highly_variable_genes(norm, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
         return [g for g, keep in zip(source_genes, hvg["highly_variable"].to_numpy()) if keep]
     genes = [str(g) for g in genes]
     gene_positions(source_genes, genes)

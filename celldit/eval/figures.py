@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from celldit.data.expression import keep_torch_threads
 from celldit.data.spec import PerturbationSpec
 from celldit.eval.pca import PCASpace
 from celldit.eval.scoring import condition_name, group_rows
@@ -227,8 +228,9 @@ def plot_umap_real_vs_pred(real: AnnData, pred: AnnData, spec: PerturbationSpec,
     emb = AnnData(np.concatenate(parts).astype(np.float32),
                   obs=pd.DataFrame({"condition": pd.Categorical(condition), "cells": pd.Categorical(origin)}))
     emb.obsm["X_pca"] = emb.X
-    sc.pp.neighbors(emb, n_neighbors=15, use_rep="X_pca", random_state=seed)
-    sc.tl.umap(emb, random_state=seed)
+    with keep_torch_threads():
+        sc.pp.neighbors(emb, n_neighbors=15, use_rep="X_pca", random_state=seed)
+        sc.tl.umap(emb, random_state=seed)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     cmap = plt.get_cmap("tab10")

@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from celldit.data.expression import check_expression
+from celldit.data.expression import check_expression, keep_torch_threads
 from celldit.data.spec import PerturbationSpec
 from celldit.eval import metrics as M
 from celldit.eval.pca import PCASpace
@@ -107,8 +107,9 @@ def rank_test_de_genes(true_cells, control_cells, k: int = 20,
     ad = AnnData(x, obs=pd.DataFrame({"g": pd.Categorical(groups)},
                                      index=[str(i) for i in range(len(groups))]))
     ad.var_names = [str(i) for i in range(x.shape[1])]
-    sc.tl.rank_genes_groups(ad, "g", groups=["T"], reference="C", method=method,
-                            rankby_abs=True, n_genes=min(k, x.shape[1]))
+    with keep_torch_threads():
+        sc.tl.rank_genes_groups(ad, "g", groups=["T"], reference="C", method=method,
+                                rankby_abs=True, n_genes=min(k, x.shape[1]))
     names = ad.uns["rank_genes_groups"]["names"]["T"]
     return np.asarray([int(n) for n in names[:k]])
 

@@ -60,10 +60,15 @@ def test_normalising_keeps_the_callers_torch_threads():
     """scanpy's numba kernels share torch's OpenMP runtime and would reset its thread count."""
     import torch
 
+    from celldit.data.expression import log_normalize
+
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        ExpressionRows(counts_adata(n=300, g=40))
+        adata = counts_adata(n=300, g=40)
+        log_normalize(adata)
+        assert torch.get_num_threads() == 1
+        select_genes(adata, "hvg", n_top_genes=10)  # scanpy's highly_variable_genes
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -26,7 +26,7 @@ def test_planted_effects_penetrance_and_structure_are_in_the_data(synthetic_scre
     # the planted log-rate effects show in the log-normalised means of the edited cells
     norm = log_normalize(adata).X.toarray()
     ctrl = (obs["perturbation"] == "control") & (obs["cell_type"] == "type0")
-    for p, name in enumerate(truth.perturbations):
+    for name in truth.perturbations:
         edited = (obs["perturbation"] == name) & obs["edited"] & (obs["cell_type"] == "type0")
         if edited.sum() < 40:
             continue
