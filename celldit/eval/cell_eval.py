@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
 from ..data.spec import PerturbationSpec
@@ -30,52 +29,63 @@ CELL_EVAL_CELLTYPE_COL = "celltype"
 CELL_EVAL_CONTROL = "non-targeting"
 
 
-def _tag(adata: AnnData, spec: PerturbationSpec) -> AnnData:
-    labels = spec.labels(adata)
-    x = adata.X
-    out = AnnData(x.copy() if sp.issparse(x) else np.asarray(x, dtype=np.float32).copy(),
-                  obs=pd.DataFrame(index=[str(i) for i in range(adata.n_obs)]),
-                  var=pd.DataFrame(index=adata.var_names.astype(str)))
-    out.obs[CELL_EVAL_PERT_COL] = pd.Categorical([CELL_EVAL_CONTROL if lab in spec.control_labels else lab
-                                                  for lab in labels])
+def _frame(labels: list[str], covs: list[tuple[str, ...]], spec: PerturbationSpec) -> pd.DataFrame:
+    obs = pd.DataFrame({CELL_EVAL_PERT_COL: pd.Categorical(
+        [CELL_EVAL_CONTROL if lab in spec.control_labels else lab for lab in labels])})
     if spec.covariate_keys:
-        covs = spec.covariates(adata)
-        out.obs[CELL_EVAL_CELLTYPE_COL] = pd.Categorical(covs.agg(" | ".join, axis=1).to_numpy())
-    return out
-
-
-def _stack(a: AnnData, b: AnnData) -> AnnData:
-    def dense(x):
-        return x.toarray() if sp.issparse(x) else np.asarray(x)
-
-    obs = pd.concat([a.obs, b.obs], ignore_index=True)
+        obs[CELL_EVAL_CELLTYPE_COL] = pd.Categorical([" | ".join(c) for c in covs])
     obs.index = obs.index.astype(str)
-    for column in obs.columns:
-        obs[column] = pd.Categorical(obs[column].astype(str))
-    return AnnData(np.vstack([dense(a.X), dense(b.X)]).astype(np.float32), obs=obs, var=a.var.copy())
+    return obs
 
 
-def export_cell_eval(real: AnnData, predictions: dict[str, AnnData], spec: PerturbationSpec,
-                     out_dir: str | Path) -> dict[str, Path]:
-    """Write cell-eval's inputs (see the module notes) and a README with the commands."""
+def _write(blocks: list[tuple[np.ndarray, str, tuple[str, ...]]], genes: list[str], spec: PerturbationSpec,
+           path: Path) -> None:
+    x = np.concatenate([b for b, _, _ in blocks]).astype(np.float32)
+    labels = [lab for b, lab, _ in blocks for _ in range(len(b))]
+    covs = [c for b, _, c in blocks for _ in range(len(b))]
+    AnnData(x, obs=_frame(labels, covs, spec), var=pd.DataFrame(index=pd.Index(genes))).write_h5ad(path)
+
+
+def export_cell_eval(real: Any, predictions: dict[str, Any], spec: PerturbationSpec, out_dir: str | Path,
+                     max_cells: int = 1000, seed: int = 0) -> dict[str, Path]:
+    """Write cell-eval's inputs (see the module notes) and a README with the commands.
+
+    ``real``: :class:`~celldit.eval.cells.GroupedCells` (or an AnnData, log1p-normalised);
+    ``predictions``: method -> prediction (or predicted AnnData). At most ``max_cells`` cells
+    of each condition (and of each covariate group's controls) are written per file, drawn
+    with a seeded generator, so the files stay small whatever the data's size.
+    """
+    from .cells import CellsPrediction, GroupedCells
+
+    if isinstance(real, AnnData):
+        real = GroupedCells.from_adata(real, spec)
+    predictions = {m: CellsPrediction(GroupedCells.from_adata(p, spec, prediction=True)) if isinstance(p, AnnData)
+                   else p for m, p in predictions.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 11])
+
+    def pick(rows: np.ndarray) -> np.ndarray:
+        return rows if len(rows) <= max_cells else np.sort(rng.choice(rows, max_cells, replace=False))
+
+    controls = [(real.cells(pick(rows)), key[0], key[1:]) for key, rows in sorted(real.groups.items())
+                if key[0] in spec.control_labels]
+    perturbed = [(real.cells(pick(rows)), key[0], key[1:]) for key, rows in sorted(real.groups.items())
+                 if key[0] not in spec.control_labels]
     files = {"real": out_dir / "real.h5ad"}
-    tagged_real = _tag(real, spec)
-    tagged_real.write_h5ad(files["real"])
-    controls = tagged_real[tagged_real.obs[CELL_EVAL_PERT_COL] == CELL_EVAL_CONTROL]
+    _write(perturbed + controls, real.genes, spec, files["real"])
     celltype = f" --celltype-col {CELL_EVAL_CELLTYPE_COL}" if spec.covariate_keys else ""
     lines = ["# cell-eval inputs", "", "Run the `cell-eval` package on these files (or `celldit evaluate "
              "--cell-eval`), e.g.:", ""]
-    for method, pred in predictions.items():
-        tagged = _tag(pred, spec)
-        perturbed = tagged[tagged.obs[CELL_EVAL_PERT_COL] != CELL_EVAL_CONTROL]
+    for method, prediction in predictions.items():
+        blocks = [(prediction.sample(key, min(max_cells, prediction.size(key)), rng), key[0], key[1:])
+                  for key in sorted(prediction.keys()) if key[0] not in spec.control_labels]
         files[f"pred_{method}"] = out_dir / f"pred_{method}.h5ad"
-        _stack(perturbed, controls).write_h5ad(files[f"pred_{method}"])
+        _write(blocks + controls, real.genes, spec, files[f"pred_{method}"])
         lines += [f"    cell-eval run -ap pred_{method}.h5ad -ar real.h5ad --pert-col {CELL_EVAL_PERT_COL} "
                   f"--control-pert {CELL_EVAL_CONTROL}{celltype} -o cell_eval_{method}"]
     lines += ["", f"`{CELL_EVAL_PERT_COL}` holds the perturbation label; controls are pooled under "
-              f"`{CELL_EVAL_CONTROL}`."]
+              f"`{CELL_EVAL_CONTROL}`. At most {max_cells} cells of a condition per file."]
     if spec.covariate_keys:
         lines += [f"`{CELL_EVAL_CELLTYPE_COL}` holds the covariates ({', '.join(spec.covariate_keys)}), joined by ` | `."]
     files["readme"] = out_dir / "README.md"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from anndata import AnnData
 from celldit.data.expression import keep_torch_threads
 from celldit.data.spec import PerturbationSpec
 from celldit.eval.pca import PCASpace
-from celldit.eval.scoring import condition_name, group_rows
+from celldit.eval.scoring import condition_name
 
 __all__ = ["KEY_METRICS", "plot_delta_scatter", "plot_metric_bars", "plot_pca_real_vs_pred", "plot_umap_real_vs_pred"]
 
@@ -73,22 +74,19 @@ def plot_metric_bars(table: pd.DataFrame, path: str | Path,
     return path
 
 
-def plot_pca_real_vs_pred(real: AnnData, predictions: Mapping[str, AnnData],
-                          spec: PerturbationSpec, space: PCASpace, path: str | Path,
-                          max_conditions: int = 12, max_cells: int = 300,
-                          seed: int = 0) -> Path:
+def plot_pca_real_vs_pred(real: Any, predictions: Mapping[str, Any], spec: PerturbationSpec, space: PCASpace,
+                          path: str | Path, max_conditions: int = 12, max_cells: int = 300, seed: int = 0) -> Path:
     """One panel per condition, in the evaluation's PCA space (PC1/PC2).
 
-    Shows real controls (grey), the predicted cells of ``model`` (else ``mean_shift``, else
-    the first method), the true cells (black crosses), the mean of every method (large
-    dots) and of the true cells (star). At most ``max_cells`` cells of each kind per panel.
+    ``real`` is :class:`~celldit.eval.cells.GroupedCells`; ``predictions`` maps a method to
+    its prediction (cells drawn on demand). Shows real controls (grey), cells predicted by
+    ``model`` (else ``mean_shift``, else the first method), the true cells (black crosses),
+    the mean of every method (large dots) and of the true cells (star). At most
+    ``max_cells`` cells of each kind per panel.
     """
     plt = _pyplot()
-    real_groups = group_rows(real, spec)
-    ctrl = {k[1:]: v for k, v in real_groups.items() if k[0] in spec.control_labels}
-    pred_groups = {m: group_rows(p, spec) for m, p in predictions.items()}
-    keys = sorted({k for g in pred_groups.values() for k in g
-                   if k[0] not in spec.control_labels and k in real_groups})[:max_conditions]
+    keys = sorted({k for p in predictions.values() for k in p.keys()
+                   if k[0] not in spec.control_labels and k in real.groups})[:max_conditions]
     if not keys:
         raise ValueError("no condition shared by the predictions and the real data to plot")
     ncol = min(4, len(keys))
@@ -96,33 +94,32 @@ def plot_pca_real_vs_pred(real: AnnData, predictions: Mapping[str, AnnData],
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False)
     rng = np.random.default_rng(seed)
     cmap = plt.get_cmap("tab10")
+    shown = next((m for m in ("model", "mean_shift") if m in predictions), next(iter(predictions)))
 
     def pick(rows):
         return rows if len(rows) <= max_cells else np.sort(rng.choice(rows, max_cells, False))
 
     for ax, key in zip(axes.ravel(), keys):
-        if key[1:] in ctrl:
-            z = space.transform(real.X[pick(ctrl[key[1:]])])
+        controls = real.control_rows(spec, key[1:])
+        if controls.size:
+            z = space.transform(real.cells(pick(controls)))
             ax.scatter(z[:, 0], z[:, 1], s=3, c="lightgrey", label="control")
-        shown = next((m for m in ("model", "mean_shift") if m in pred_groups),
-                     next(iter(pred_groups)))
         centroids = {}
-        for j, (method, groups) in enumerate(pred_groups.items()):
-            if key not in groups:
+        for j, (method, prediction) in enumerate(predictions.items()):
+            if key not in prediction.keys():
                 continue
-            z = space.transform(predictions[method].X[pick(groups[key])])
-            centroids[method] = (z.mean(0), cmap(j % 10))
+            mean = space.transform(prediction.mean(key)[None, :])[0]
+            centroids[method] = (mean, cmap(j % 10))
             if method == shown:
-                ax.scatter(z[:, 0], z[:, 1], s=3, color=cmap(j % 10), alpha=0.5,
-                           label=f"{method} cells")
-        zt = space.transform(real.X[pick(real_groups[key])])
-        ax.scatter(zt[:, 0], zt[:, 1], s=4, c="black", marker="x", linewidths=0.6,
-                   label="true cells")
+                z = space.transform(prediction.sample(key, min(max_cells, prediction.size(key)), rng))
+                ax.scatter(z[:, 0], z[:, 1], s=3, color=cmap(j % 10), alpha=0.5, label=f"{method} cells")
+        zt = space.transform(real.cells(pick(real.groups[key])))
+        ax.scatter(zt[:, 0], zt[:, 1], s=4, c="black", marker="x", linewidths=0.6, label="true cells")
         for method, (centre, colour) in centroids.items():  # every method's mean, on top
             ax.scatter(*centre[:2], s=70, color=colour, edgecolors="white", linewidths=1.0,
                        marker="o", zorder=5, label=f"{method} mean")
-        ax.scatter(*zt.mean(0)[:2], s=110, c="black", edgecolors="white", marker="*",
-                   zorder=6, label="true mean")
+        ax.scatter(*space.transform(real.mean(key)[None, :])[0][:2], s=110, c="black", edgecolors="white",
+                   marker="*", zorder=6, label="true mean")
         ax.set_title(condition_name(key[0], key[1:]), fontsize=8)
         ax.set_xlabel("PC1", fontsize=7)
         ax.set_ylabel("PC2", fontsize=7)
@@ -133,11 +130,7 @@ def plot_pca_real_vs_pred(real: AnnData, predictions: Mapping[str, AnnData],
     fig.legend(handles, names, fontsize=7, loc="lower center", ncol=min(len(names), 6),
                markerscale=1.0, frameon=False)
     fig.tight_layout(rect=(0, 0.06 if nrow > 1 else 0.12, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _scatter_grid(n: int, width: float = 3.0, height: float = 2.8):
@@ -160,7 +153,7 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_delta_scatter(real: AnnData, pred: AnnData, spec: PerturbationSpec, path: str | Path,
+def plot_delta_scatter(real: Any, prediction: Any, spec: PerturbationSpec, path: str | Path,
                        max_conditions: int = 20, method: str = "model") -> Path:
     """Predicted against true mean shift per gene, one panel per condition.
 
@@ -168,21 +161,14 @@ def plot_delta_scatter(real: AnnData, pred: AnnData, spec: PerturbationSpec, pat
     definition); the 20 genes of largest true ``|delta|`` are drawn in colour, the line is
     y = x.
     """
-    real_groups, pred_groups = group_rows(real, spec), group_rows(pred, spec)
-    ctrl = {k[1:]: v for k, v in real_groups.items() if k[0] in spec.control_labels}
-    keys = [k for k in sorted(pred_groups) if k[0] not in spec.control_labels and k in real_groups
-            and k[1:] in ctrl][:max_conditions]
+    keys = [k for k in prediction.keys() if k[0] not in spec.control_labels and k in real.groups
+            and real.control_keys(spec, k[1:])][:max_conditions]
     if not keys:
         raise ValueError("no condition shared by the prediction and the real data to plot")
     plt, fig, axes = _scatter_grid(len(keys))
-
-    def mean(adata: AnnData, rows: np.ndarray) -> np.ndarray:
-        x = adata.X[rows]
-        return np.asarray(x.mean(0)).ravel()
-
     for ax, key in zip(axes.ravel(), keys):
-        c = mean(real, ctrl[key[1:]])
-        true, predicted = mean(real, real_groups[key]) - c, mean(pred, pred_groups[key]) - c
+        c = real.mean(real.control_keys(spec, key[1:]))
+        true, predicted = real.mean(key) - c, prediction.mean(key) - c
         top = np.argsort(-np.abs(true))[:20]
         ax.scatter(true, predicted, s=3, c="lightgrey")
         ax.scatter(true[top], predicted[top], s=8, c="tab:red", label="top-20 DE")
@@ -197,7 +183,7 @@ def plot_delta_scatter(real: AnnData, pred: AnnData, spec: PerturbationSpec, pat
     return _save(fig, path)
 
 
-def plot_umap_real_vs_pred(real: AnnData, pred: AnnData, spec: PerturbationSpec, space: PCASpace,
+def plot_umap_real_vs_pred(real: Any, prediction: Any, spec: PerturbationSpec, space: PCASpace,
                            path: str | Path, max_conditions: int = 8, max_cells: int = 200, seed: int = 0) -> Path:
     """UMAP (scanpy) of real and predicted cells of a few conditions, with the controls.
 
@@ -206,8 +192,7 @@ def plot_umap_real_vs_pred(real: AnnData, pred: AnnData, spec: PerturbationSpec,
     """
     import scanpy as sc
 
-    real_groups, pred_groups = group_rows(real, spec), group_rows(pred, spec)
-    keys = [k for k in sorted(pred_groups) if k[0] not in spec.control_labels and k in real_groups][:max_conditions]
+    keys = [k for k in prediction.keys() if k[0] not in spec.control_labels and k in real.groups][:max_conditions]
     if not keys:
         raise ValueError("no condition shared by the prediction and the real data to plot")
     rng = np.random.default_rng(seed)
@@ -215,16 +200,17 @@ def plot_umap_real_vs_pred(real: AnnData, pred: AnnData, spec: PerturbationSpec,
     def pick(rows: np.ndarray) -> np.ndarray:
         return rows if len(rows) <= max_cells else np.sort(rng.choice(rows, max_cells, replace=False))
 
-    parts, condition, origin = [], [], []
-    controls = np.concatenate([v for k, v in real_groups.items() if k[0] in spec.control_labels])
-    parts.append(space.transform(real.X[pick(controls)]))
-    condition += ["control"] * len(parts[-1])
-    origin += ["real"] * len(parts[-1])
+    controls = np.concatenate([v for k, v in real.groups.items() if k[0] in spec.control_labels])
+    parts = [space.transform(real.cells(pick(controls)))]
+    condition, origin = ["control"] * len(parts[0]), ["real"] * len(parts[0])
     for key in keys:
-        for adata, groups, who in ((real, real_groups, "real"), (pred, pred_groups, "predicted")):
-            parts.append(space.transform(adata.X[pick(groups[key])]))
-            condition += [condition_name(key[0], key[1:])] * len(parts[-1])
-            origin += [who] * len(parts[-1])
+        name = condition_name(key[0], key[1:])
+        for z, who in ((space.transform(real.cells(pick(real.groups[key]))), "real"),
+                       (space.transform(prediction.sample(key, min(max_cells, prediction.size(key)), rng)),
+                        "predicted")):
+            parts.append(z)
+            condition += [name] * len(z)
+            origin += [who] * len(z)
     emb = AnnData(np.concatenate(parts).astype(np.float32),
                   obs=pd.DataFrame({"condition": pd.Categorical(condition), "cells": pd.Categorical(origin)}))
     emb.obsm["X_pca"] = emb.X

@@ -36,7 +36,7 @@ class PCASpace:
         Seed of the subset when ``max_cells`` is exceeded.
     """
 
-    def __init__(self, n_components: int = 30, max_cells: int = 100_000, seed: int = 0) -> None:
+    def __init__(self, n_components: int = 30, max_cells: int = 50_000, seed: int = 0) -> None:
         if n_components < 1:
             raise ValueError(f"n_components must be >= 1, got {n_components}")
         self.n_components = int(n_components)
@@ -74,6 +74,26 @@ class PCASpace:
         self._pca = pca
         self.n_fit_cells = len(rows)
         return self
+
+    def fit_rows(self, rows) -> PCASpace:
+        """Fit on cells read on demand (``rows.rows(idx)``, ``n_obs``): the same seeded subset
+        of at most ``max_cells`` cells as :meth:`fit`, read in chunks into a sparse matrix."""
+        n = rows.n_obs
+        if n < 2:
+            raise ValueError(f"the PCA space needs at least 2 cells to fit, got {n}")
+        idx = np.arange(n)
+        if n > self.max_cells:
+            idx = np.sort(np.random.default_rng(self.seed).choice(n, self.max_cells, replace=False))
+        parts = [rows.rows(idx[s: s + 4096]) for s in range(0, len(idx), 4096)]
+        if len(idx) * rows.n_vars > _DENSE_LIMIT:
+            matrix = sp.vstack([sp.csr_matrix(p) for p in parts]).tocsr()
+        else:
+            matrix = np.concatenate(parts)
+        saved, self.max_cells = self.max_cells, len(idx)  # the subset is drawn already
+        try:
+            return self.fit(matrix)
+        finally:
+            self.max_cells = saved
 
     def transform(self, matrix) -> np.ndarray:
         """Project cells (dense or sparse rows) to ``(n_cells, n_components)`` coordinates."""

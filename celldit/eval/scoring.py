@@ -9,6 +9,7 @@ covariates) are gathered; only those rows are densified, never a whole data set.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,7 @@ __all__ = [
     "group_rows",
     "align_prediction",
     "rank_test_de_genes",
+    "score_conditions",
     "score_predictions",
 ]
 
@@ -120,9 +122,21 @@ def _subsample(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray
     return np.sort(rng.choice(rows, n, replace=False))
 
 
-def score_predictions(
-    real: AnnData,
-    pred: AnnData,
+def score_predictions(real: AnnData, pred: AnnData, spec: PerturbationSpec, space: PCASpace, *,
+                      method: str = "model", **kwargs) -> pd.DataFrame:
+    """One row of metrics per predicted condition of ``pred`` (AnnData of predicted cells)
+    against ``real`` (see :func:`score_conditions` for the keyword arguments)."""
+    from .cells import CellsPrediction, GroupedCells
+
+    spec.validate(real)
+    pred = align_prediction(real, pred, spec)
+    prediction = CellsPrediction(GroupedCells.from_adata(pred, spec, prediction=True))
+    return score_conditions(GroupedCells.from_adata(real, spec), prediction, spec, space, method=method, **kwargs)
+
+
+def score_conditions(
+    real: Any,
+    prediction: Any,
     spec: PerturbationSpec,
     space: PCASpace,
     *,
@@ -138,11 +152,12 @@ def score_predictions(
     Parameters
     ----------
     real
-        Real cells in log1p-normalised space: the true cells of every predicted condition
-        and the control cells of each covariate group.
-    pred
-        Predicted cells (same genes), labelled under ``spec.perturbation_key`` and the
-        covariate keys. Control cells in ``pred`` are ignored.
+        Real cells (:class:`~celldit.eval.cells.GroupedCells`, log1p-normalised on read): the
+        true cells of every predicted condition and the control cells of each covariate group.
+    prediction
+        A prediction (:class:`~celldit.eval.cells.CellsPrediction` or
+        :class:`~celldit.eval.cells.ShiftPrediction`): for each condition, its mean predicted
+        cell and cells drawn from it. Control conditions are ignored.
     spec
         The perturbation spec of ``real``.
     space
@@ -157,7 +172,8 @@ def score_predictions(
         cells are drawn without replacement, the n predicted cells with replacement (so a
         prediction of any size gives n cells), with
         ``numpy.random.default_rng([seed, i, side])`` for the i-th condition (sorted order),
-        so every method sees the same true cells.
+        so every method sees the same true cells. At most these cells (and one condition's
+        true cells for the means) are held at once.
     rank_test
         Also report ``pearson_delta_rankde20``, ``mse_rankde20``, ``mae_rankde20`` on the DE
         genes of :func:`rank_test_de_genes`.
@@ -171,35 +187,25 @@ def score_predictions(
         (+ rank-test columns), then ``perturbation``, the covariate keys, ``n_true``,
         ``n_pred``, ``n_control``.
     """
-    spec.validate(real)
-    pred = align_prediction(real, pred, spec)
-    real_groups = group_rows(real, spec)
-    control_rows: dict[tuple[str, ...], list[np.ndarray]] = {}
-    for key, rows in real_groups.items():
-        if key[0] in spec.control_labels:
-            control_rows.setdefault(key[1:], []).append(rows)
-    pred_groups = {k: v for k, v in group_rows(pred, spec).items()
-                   if k[0] not in spec.control_labels}
-    if not pred_groups:
+    keys = [k for k in prediction.keys() if k[0] not in spec.control_labels]
+    if not keys:
         raise ValueError(f"pred has no perturbed cells in obs[{spec.perturbation_key!r}]")
     records, pred_deltas, true_deltas = [], [], []
-    for i, (key, g_rows) in enumerate(sorted(pred_groups.items())):
+    for i, key in enumerate(sorted(keys)):
         name = condition_name(key[0], key[1:])
-        if key not in real_groups:
+        if key not in real.groups:
             where = "" if not spec.covariate_keys else (
                 f" with {dict(zip(spec.covariate_keys, key[1:]))}")
             raise ValueError(
                 f"condition {key[0]!r}{where} of pred is absent from the real data "
                 f"(obs[{spec.perturbation_key!r}]); evaluate only conditions that were measured"
             )
-        if key[1:] not in control_rows:
+        control_keys = real.control_keys(spec, key[1:])
+        if not control_keys:
             raise ValueError(f"no real control cells for covariates "
                              f"{dict(zip(spec.covariate_keys, key[1:]))} (condition {name!r})")
-        t_rows = real_groups[key]
-        c_rows = np.concatenate(control_rows[key[1:]])
-        mean_t = M.mean_expression(real.X[t_rows])
-        mean_c = M.mean_expression(real.X[c_rows])
-        mean_g = M.mean_expression(pred.X[g_rows])
+        t_rows = real.groups[key]
+        mean_t, mean_c, mean_g = real.mean(key), real.mean(control_keys), prediction.mean(key)
         d_true, d_pred = mean_t - mean_c, mean_g - mean_c
         de = M.top_k_de_genes(d_true, k_de)
         rec = {
@@ -210,23 +216,22 @@ def score_predictions(
             "r2_mean": M.r2_mean(mean_g, mean_t),
         }
         t_sub = _subsample(t_rows, max_cells, np.random.default_rng([seed, i, 0]))
-        g_sub = np.sort(np.random.default_rng([seed, i, 1]).choice(g_rows, len(t_sub),
-                                                                   replace=True))
-        zt = space.transform(real.X[t_sub])
-        zg = space.transform(pred.X[g_sub])
+        zt = space.transform(real.cells(t_sub))
+        zg = space.transform(prediction.sample(key, len(t_sub), np.random.default_rng([seed, i, 1])))
         rec["edistance"] = M.energy_distance(zg, zt)
         rec["mmd"] = M.mmd_rbf(zg, zt)
         rec["discrimination"] = np.nan  # filled below
         rec["mae_de20"] = M.mae(mean_g, mean_t, de)
         rec["sliced_wasserstein"] = M.sliced_wasserstein(zg, zt, n_projections, seed=seed)
+        c_rows = np.concatenate([real.groups[k] for k in control_keys])
         if rank_test:
-            de_r = rank_test_de_genes(real.X[t_rows], real.X[c_rows], k_de)
+            de_r = rank_test_de_genes(real.cells(t_rows), real.cells(c_rows), k_de)
             rec["pearson_delta_rankde20"] = M.pearson_delta(d_true, d_pred, de_r)
             rec["mse_rankde20"] = M.mse(mean_g, mean_t, de_r)
             rec["mae_rankde20"] = M.mae(mean_g, mean_t, de_r)
         rec["perturbation"] = key[0]
         rec.update(dict(zip(spec.covariate_keys, key[1:])))
-        rec.update(n_true=len(t_rows), n_pred=len(g_rows), n_control=len(c_rows))
+        rec.update(n_true=len(t_rows), n_pred=prediction.size(key), n_control=len(c_rows))
         records.append(rec)
         pred_deltas.append(d_pred)
         true_deltas.append(d_true)

@@ -181,8 +181,14 @@ def test_mismatched_genes(files, tmp_path):
     pred = ad.read_h5ad(files["pred"])
     pred.var_names = [f"other{i}" if i < 3 else n for i, n in enumerate(pred.var_names)]
     path = _write(pred, tmp_path / "genes.h5ad")
-    with pytest.raises(ValueError, match="different genes: 3 real genes missing"):
+    with pytest.raises(ValueError, match="pred has 3 genes that are not in real"):
         _run(_base(files, tmp_path / "o", pred=path, extra=["--baselines", "none"]))
+    # a prediction on a subset of the real genes (a model's genes) is scored on those genes, the
+    # real cells being normalised over all of theirs (the training basis)
+    subset = _write(ad.read_h5ad(files["pred"])[:, 5:].copy(), tmp_path / "subset.h5ad")
+    assert _run(_base(files, tmp_path / "sub", pred=subset, extra=["--baselines", "none", "--no-figures",
+                                                                   "--no-cell-eval"])) == 0
+    assert json.loads((tmp_path / "sub" / "settings.json").read_text())["genes"] == N_GENES - 5
 
 
 def test_nan_values(files, tmp_path):

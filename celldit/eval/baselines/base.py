@@ -18,11 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
 from celldit.data.spec import PerturbationSpec
-from celldit.eval.metrics import mean_expression
+from celldit.eval.cells import GroupedCells
 from celldit.eval.scoring import group_rows
 
 __all__ = ["Baseline", "Key", "prediction_requests"]
@@ -64,18 +63,22 @@ class Baseline:
         self.notes: list[str] = []
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train: AnnData, spec: PerturbationSpec) -> Baseline:
+    def fit(self, train: AnnData | GroupedCells, spec: PerturbationSpec) -> Baseline:
         """Compute ``d(S, g)`` for every perturbation set and group of ``train``.
 
-        ``train`` must be log1p-normalised; groups without training controls are skipped.
+        ``train``: training cells, an AnnData whose ``X`` is read as it is (log1p-normalised),
+        or :class:`~celldit.eval.cells.GroupedCells` (e.g. counts normalised on read, as
+        :func:`~celldit.eval.report.evaluate` builds them); groups without training controls
+        are skipped.
         """
-        spec.validate(train)
-        self.spec, self.var_names = spec, pd.Index(train.var_names)
-        groups = group_rows(train, spec)
-        pooled: dict[Key, list[np.ndarray]] = {}
-        for (label, *covs), rows in groups.items():
-            pooled.setdefault((spec.parse(label), tuple(covs)), []).append(rows)
-        means = {k: mean_expression(train.X[np.concatenate(v)]) for k, v in pooled.items()}
+        if isinstance(train, AnnData):
+            spec.validate(train)
+            train = GroupedCells.as_given(train, spec)
+        self.spec, self.var_names = spec, pd.Index(train.genes)
+        pooled: dict[Key, list[tuple[str, ...]]] = {}
+        for label, *covs in train.groups:
+            pooled.setdefault((spec.parse(label), tuple(covs)), []).append((label, *covs))
+        means = {k: train.mean(v) for k, v in pooled.items()}
         self.control_means = {covs: m for (s, covs), m in means.items() if not s}
         self.shifts = {(s, covs): m - self.control_means[covs]
                        for (s, covs), m in means.items() if s and covs in self.control_means}
@@ -84,7 +87,7 @@ class Baseline:
         self._fit_extra(train, spec)
         return self
 
-    def _fit_extra(self, train: AnnData, spec: PerturbationSpec) -> None:
+    def _fit_extra(self, train: GroupedCells, spec: PerturbationSpec) -> None:
         """Hook for subclasses needing more than the mean shifts."""
 
     def _note(self, message: str) -> None:
@@ -112,9 +115,9 @@ class Baseline:
         seen = [d for (s, g), d in self.shifts.items() if s == pset]
         return self._group_average(seen) if seen else None
 
-    def shift(self, label: str, covs: tuple[str, ...], control: AnnData,
-              control_rows: np.ndarray) -> np.ndarray:
-        """The shift added to the control cells for ``label`` in group ``covs``."""
+    def shift(self, label: str, covs: tuple[str, ...], control_mean: np.ndarray) -> np.ndarray:
+        """The shift added to the control cells for ``label`` in group ``covs`` (whose mean
+        control cell is ``control_mean``)."""
         raise NotImplementedError
 
     # --------------------------------------------------------------- predict
@@ -125,8 +128,9 @@ class Baseline:
         Parameters
         ----------
         control
-            Real cells holding the control cells to start from (other cells are ignored),
-            log1p-normalised, same genes as the training data.
+            Real cells holding the control cells to start from (other cells are ignored):
+            an AnnData read as it is (log1p-normalised), or
+            :class:`~celldit.eval.cells.GroupedCells`; same genes as the training data.
         requests
             Rows with the perturbation key, covariate keys and ``n_cells`` (see
             :func:`prediction_requests`).
@@ -154,36 +158,27 @@ class Baseline:
                    if k not in requests.columns]
         if missing:
             raise ValueError(f"requests lack column(s) {missing}")
-        ctrl_mask = spec.control_mask(control)
-        covs_all = spec.covariates(control).to_numpy()
+        real = control if isinstance(control, GroupedCells) else GroupedCells.as_given(control, spec)
         blocks, obs = [], []
         for i in range(len(requests)):
             rowd = requests.iloc[i].to_dict()
             covs = tuple(str(rowd[k]) for k in spec.covariate_keys)
-            match = ctrl_mask.copy()
-            for j in range(len(covs)):
-                match &= covs_all[:, j] == covs[j]
-            c_rows = np.flatnonzero(match)
+            label = str(rowd[spec.perturbation_key])
+            c_rows = real.control_rows(spec, covs)
             if len(c_rows) == 0:
                 raise ValueError(f"no control cells for covariates "
                                  f"{dict(zip(spec.covariate_keys, covs))}")
-            n = int(rowd["n_cells"])
-            label = str(rowd[spec.perturbation_key])
-            s = self.shift(label, covs, control, c_rows)
-            if cells == "control":
-                draw, n = c_rows, len(c_rows)
-            else:
-                draw = np.sort(np.random.default_rng([seed, i]).choice(c_rows, n, replace=True))
-            x = control.X[draw]
-            x = x.toarray() if sp.issparse(x) else np.asarray(x)
-            blocks.append((x + s[None, :]).astype(np.float32))
-            obs.append(pd.DataFrame({spec.perturbation_key: [label] * n,
-                                     **{k: [v] * n for k, v in zip(spec.covariate_keys, covs)}}))
+            s = self.shift(label, covs, real.mean(real.control_keys(spec, covs)))
+            draw = c_rows if cells == "control" else np.sort(
+                np.random.default_rng([seed, i]).choice(c_rows, int(rowd["n_cells"]), replace=True))
+            blocks.append((real.cells(draw) + s[None, :]).astype(np.float32))
+            obs.append(pd.DataFrame({spec.perturbation_key: [label] * len(draw),
+                                     **{k: [v] * len(draw) for k, v in zip(spec.covariate_keys, covs)}}))
         frame = pd.concat(obs, ignore_index=True)
         for key in frame.columns:
             frame[key] = pd.Categorical(frame[key])
         frame["baseline"] = self.name
         frame.index = [f"{self.name}_{i}" for i in range(len(frame))]
-        out = AnnData(np.vstack(blocks), obs=frame, var=control.var.copy())
+        out = AnnData(np.vstack(blocks), obs=frame, var=pd.DataFrame(index=self.var_names))
         out.uns["celldit_baseline"] = {"name": self.name, "seed": seed, "notes": list(self.notes)}
         return out

@@ -45,14 +45,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from celldit.data.spec import PerturbationSpec
-from celldit.eval.metrics import mean_expression
+from celldit.eval.cells import GroupedCells
 
 from .base import Baseline
 
 __all__ = ["Linear", "gene_pca_embedding"]
 
 
-def gene_pca_embedding(train: AnnData, n_components: int = 10, max_cells: int = 2000,
+def gene_pca_embedding(train: AnnData | GroupedCells, n_components: int = 10, max_cells: int = 2000,
                        seed: int = 0) -> pd.DataFrame:
     """Embedding of each gene from a PCA of the training matrix taken genes x cells.
 
@@ -61,16 +61,23 @@ def gene_pca_embedding(train: AnnData, n_components: int = 10, max_cells: int = 
     ``(n_genes, K)`` with ``K = min(n_components, n_genes - 1, n_cells)`` (randomized SVD,
     ``random_state=seed``).
     """
-    n = train.n_obs
+    if isinstance(train, AnnData):
+        x_all, genes = train.X, list(map(str, train.var_names))
+        n = train.n_obs
+    else:
+        x_all, genes = None, train.genes
+        n = train.rows.n_obs
     rows = np.arange(n) if n <= max_cells else np.sort(
         np.random.default_rng(seed).choice(n, max_cells, replace=False))
-    x = train.X[rows]
-    x = x.toarray() if sp.issparse(x) else np.asarray(x)
-    k = min(n_components, train.n_vars - 1, len(rows))
+    if x_all is not None:
+        x = x_all[rows]
+        x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    else:
+        x = train.cells(rows)
+    k = min(n_components, len(genes) - 1, len(rows))
     pca = PCA(n_components=k, svd_solver="randomized", random_state=seed)
     scores = pca.fit_transform(np.asarray(x.T, np.float64))
-    return pd.DataFrame(scores, index=pd.Index(train.var_names).astype(str),
-                        columns=[f"pc{i + 1}" for i in range(k)])
+    return pd.DataFrame(scores, index=pd.Index(genes).astype(str), columns=[f"pc{i + 1}" for i in range(k)])
 
 
 class Linear(Baseline):
@@ -112,7 +119,7 @@ class Linear(Baseline):
         self.sources: dict[str, str] = {}
 
     # ----------------------------------------------------------------- features
-    def _fit_extra(self, train: AnnData, spec: PerturbationSpec) -> None:
+    def _fit_extra(self, train: GroupedCells, spec: PerturbationSpec) -> None:
         gene_table = gene_pca_embedding(train, self.n_components, self.max_cells, self.seed)
         self.gene_table = gene_table
         basis = gene_table.to_numpy()
@@ -179,8 +186,7 @@ class Linear(Baseline):
         return np.sum([self.embed(a) for a in sorted(pset)], axis=0)
 
     # ----------------------------------------------------------------- predict
-    def shift(self, label, covs, control, control_rows):
+    def shift(self, label, covs, control_mean):
         pset = self.spec.parse(label)
-        control_mean = mean_expression(control.X[control_rows])
         base = self.model.predict(self._embed_set(pset)[None, :])[0]
         return base + self._covariate_term(control_mean)

@@ -24,8 +24,8 @@ class NoChange(Baseline):
 
     name = "no_change"
 
-    def shift(self, label, covs, control, control_rows):
-        return np.zeros(control.n_vars)
+    def shift(self, label, covs, control_mean):
+        return np.zeros(len(control_mean))
 
 
 class TrainMean(Baseline):
@@ -33,7 +33,7 @@ class TrainMean(Baseline):
 
     name = "train_mean"
 
-    def shift(self, label, covs, control, control_rows):
+    def shift(self, label, covs, control_mean):
         return self.train_mean_shift(covs)
 
 
@@ -42,7 +42,7 @@ class MeanShift(Baseline):
 
     name = "mean_shift"
 
-    def shift(self, label, covs, control, control_rows):
+    def shift(self, label, covs, control_mean):
         pset = self.spec.parse(label)
         s = self.mean_shift(pset, covs)
         if s is None:
@@ -56,8 +56,8 @@ class Additive(Baseline):
 
     name = "additive"
 
-    def shift(self, label, covs, control, control_rows):
-        total = np.zeros(control.n_vars)
+    def shift(self, label, covs, control_mean):
+        total = np.zeros(len(control_mean))
         for single in sorted(self.spec.parse(label)):
             s = self.mean_shift(frozenset([single]), covs)
             if s is None:
