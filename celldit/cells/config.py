@@ -127,8 +127,8 @@ class CellDiTConfig:
         of gene sets (MSigDB), a mapping of set name to genes (Python), or null to cluster
         genes by co-expression.
     n_modules
-        Number of clustered modules (null: ceil(G / 16), at most 128, so that the token count
-        stays bounded as genes grow).
+        Number of clustered modules (null: ceil(G / 16), at most 64, so that the token count
+        and the backbone's cost stay bounded as genes grow).
     gene_latent_tokens
         Gene tokenizer: genes are read into this many latent tokens by cross-attention
         (Perceiver IO), which the backbone works on; "auto": max(32, sqrt(G)); null: one

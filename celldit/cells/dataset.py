@@ -134,8 +134,10 @@ class PairedBatches(IterableDataset):
         self.unknown_cov = unknown_cov
         self.cov_group, self.held_out_anchor_fn = cov_group, held_out_anchor
         self._set_strata(self.cells, warn=True)
-        use_buffer = buffer_cells and getattr(expr, "backed", False) and buffer_cells < len(self.cells)
-        self.buffer_cells = buffer_cells if use_buffer else None
+        backed = getattr(expr, "backed", False)
+        self.buffer_cells = buffer_cells if buffer_cells and backed and buffer_cells < len(self.cells) else None
+        if buffer_cells and backed and self.buffer_cells is None:
+            expr.cache(self.cells)  # every training cell fits in the buffer: read them once, in order
         self.chunk_rows = chunk_rows
         self.buffer_steps = max(1, 4 * (self.buffer_cells or 0) // batch_size)
         self._buffer_id: int | None = None

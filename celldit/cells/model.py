@@ -115,6 +115,11 @@ class CellDiT:
         return CellFlowNet(tokenizer, encoder, c.hidden_size, c.depth, c.num_heads, c.mlp_ratio,
                            identity_control=c.source == "control")
 
+    def to(self, device: str | torch.device) -> CellDiT:
+        """Move the network (sampling runs where it is; e.g. ``model.to("cuda")``)."""
+        self.network.to(device)
+        return self
+
     @property
     def sampler(self) -> CellSampler:
         """Sampling of counterfactual and generated cells (see :class:`~celldit.cells.sampler.CellSampler`)."""
@@ -169,7 +174,10 @@ class CellDiT:
             if spawned and losses.path.is_file():
                 curve = json.loads(losses.path.read_text())
                 losses.losses, losses.steps, losses.wall_s = curve["losses"], curve["steps"], curve["wall_s"]
-        self.network = self.plan.sampling_network(use_ema=True).to("cpu").eval()
+        ema = self.plan.sampling_network(use_ema=True)
+        if ema is not self.plan.network:  # keep the network module (its frozen parts stay frozen), EMA weights
+            self.plan.network.load_state_dict(ema.state_dict())
+        self.network = self.plan.network.to("cpu").eval()
         self.history = {"steps": len(losses.losses), "final_loss": losses.smoothed(50), "losses": losses.losses,
                         "loss_steps": losses.steps, "train_s": round(losses.wall_s, 2)}
         if losses.val_losses:

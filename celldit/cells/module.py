@@ -188,9 +188,12 @@ class CellFlowNet(nn.Module):
         return self.dit.x_embedder
 
     def source_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-        """Gaussian source of the noise coupling, on the tokenizer's subspace when it has one."""
-        eps = torch.randn(shape, generator=generator, device=device)
+                     device: torch.device | str | None = None) -> torch.Tensor:
+        """Gaussian source of the noise coupling, on the tokenizer's subspace when it has one
+        (drawn on the generator's device, returned on ``device``, default the network's)."""
+        device = device if device is not None else next(self.parameters()).device
+        eps = torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
+        eps = eps.to(device)
         project = getattr(self.tokenizer, "project_noise", None)
         return project(eps) if project is not None else eps
 

@@ -36,8 +36,8 @@ __all__ = ["BANK_PER_GROUP", "Registration", "group_codes", "register", "spec_of
 BANK_PER_GROUP = 500  # control cells per covariate group kept for generate() with a control source
 SAMPLE_CELLS = 20_000  # cells that fit the gene modules, the codec and the OT basis
 PRIOR_CELLS = 5_000  # control cells that build the expression prior features
-MAX_MODULE_SIZE = 64  # genes per module token (larger modules are split)
-MAX_DEFAULT_MODULES = 128  # the default module count stops growing here (tokens stay bounded)
+MAX_MODULE_SIZE = 64  # genes per module token (larger modules are split), below MAX_DEFAULT_MODULES x 64 genes
+MAX_DEFAULT_MODULES = 64  # the default module count stops growing here: the backbone's cost stays bounded
 
 
 def group_codes(frame: pd.DataFrame) -> np.ndarray:
@@ -187,7 +187,9 @@ def gene_modules(modules: Any, adata: AnnData, genes: list[str], n_modules: int 
     if modules is not None:
         raise ValueError(f"modules={modules!r}: use var:COLUMN, a .gmt file, a mapping of gene sets or None")
     n = n_modules or min(math.ceil(len(genes) / 16), MAX_DEFAULT_MODULES)
-    return modules_from_correlation(x_sample, n, max_size=MAX_MODULE_SIZE, seed=seed)
+    # beyond 4,096 genes modules grow instead of splitting (a split would add tokens back)
+    size = max(MAX_MODULE_SIZE, math.ceil(2 * len(genes) / n))
+    return modules_from_correlation(x_sample, n, max_size=size, seed=seed)
 
 
 def tokenizer_kwargs(config: CellDiTConfig, adata: AnnData, genes: list[str], x_sample: np.ndarray) -> dict:

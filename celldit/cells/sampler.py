@@ -80,19 +80,21 @@ class CellSampler:
         t = 0 to 1 under condition ``pert``; ``reverse``: from t = 1 back to 0 (inversion)."""
         method, steps = self._solver(steps, method)
         net, flow = self.network.eval(), self.config.flow
+        device = next(net.parameters()).device  # the network's device (CellDiT.to); results come back on the CPU
         n = x.shape[0]
         out = []
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 sl = slice(start, min(n, start + batch_size))
-                cov = torch.from_numpy(cov_idx[sl])
+                cov = torch.from_numpy(cov_idx[sl]).to(device)
                 v = velocity_fn(net, flow, _conditioning(pert, cov), _conditioning(pert, cov, drop=True),
                                 cfg_scale=cfg_scale)
-                x0 = x[sl]
+                x0 = x[sl].to(device)
                 if self.config.source == "control":
-                    x0 = anchored_source(x0, torch.from_numpy(pert[2][sl]))
-                out.append(integrate(v, x0, 1.0, 0.0, steps=steps, method=method) if reverse
-                           else integrate(v, x0, 0.0, 1.0, steps=steps, method=method))
+                    x0 = anchored_source(x0, torch.from_numpy(pert[2][sl]).to(device))
+                y = (integrate(v, x0, 1.0, 0.0, steps=steps, method=method) if reverse
+                     else integrate(v, x0, 0.0, 1.0, steps=steps, method=method))
+                out.append(y.float().cpu())
         return torch.cat(out) if out else x.new_zeros((0, x.shape[1]))
 
     def _invert(self, x: torch.Tensor, cov_idx: np.ndarray, steps: int | None, method: str | None,
@@ -319,7 +321,7 @@ class CellSampler:
                 cov = pd.DataFrame({k: [str(cond[k])] * m for k in self.spec.covariate_keys}, index=range(m))
                 cov_idx = self._covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=m))
                 if self.config.source == "noise":
-                    x0 = self.network.source_noise((m, len(self.genes)), generator=gen)
+                    x0 = self.network.source_noise((m, len(self.genes)), generator=gen).cpu()
                     pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()] if counts else None
                 else:
                     pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()]
@@ -339,6 +341,7 @@ class CellSampler:
 
 def _conditioning(pert: tuple[np.ndarray, np.ndarray, np.ndarray], cov: torch.Tensor, drop: bool = False) -> dict:
     """Network inputs of one condition for ``len(cov)`` cells (``drop``: CFG's null branch)."""
-    b = len(cov)
-    return {"pert_idx": torch.from_numpy(pert[0]).expand(b, -1), "pert_scale": torch.from_numpy(pert[1]).expand(b, -1),
-            "cov_idx": cov, "drop": torch.full((b,), drop, dtype=torch.bool)}
+    b, device = len(cov), cov.device
+    return {"pert_idx": torch.from_numpy(pert[0]).to(device).expand(b, -1),
+            "pert_scale": torch.from_numpy(pert[1]).to(device).expand(b, -1),
+            "cov_idx": cov, "drop": torch.full((b,), drop, dtype=torch.bool, device=device)}

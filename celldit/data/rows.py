@@ -33,6 +33,7 @@ __all__ = ["ExpressionRows", "counts_source", "group_sums", "select_genes", "siz
 HVG_CELLS = 20_000  # cells (a seeded sample) that rank highly variable genes
 
 CHUNK = 8192  # rows read at once by the passes over a whole matrix
+MERGE_GAP = 64  # on disk, asked rows closer than this are read with the rows between them, in one slice
 
 
 def counts_source(adata: AnnData, layer: str | None = None) -> tuple[Any, Sequence[str], str]:
@@ -191,11 +192,16 @@ class ExpressionRows:
         if not self.backed:
             return matrix[idx]
         rows = self._file_rows[idx]
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        # runs of rows separated by small gaps are read as one slice (then the asked rows kept)
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) > MERGE_GAP) + 1)
         parts = []
         for run in runs:
-            block = matrix[int(run[0]): int(run[-1]) + 1]
-            parts.append(block.to_memory() if hasattr(block, "to_memory") else block)
+            lo, hi = int(run[0]), int(run[-1]) + 1
+            block = matrix[lo:hi]
+            block = block.to_memory() if hasattr(block, "to_memory") else block
+            if hi - lo != len(run):
+                block = block[run - lo]
+            parts.append(block)
         if sp.issparse(parts[0]):
             return sp.vstack(parts).tocsr()
         return np.concatenate([np.asarray(p) for p in parts])

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 MAX_CORRELATION_CELLS = 50_000
 #: up to this many genes the squared-correlation affinity is formed and decomposed exactly;
 #: beyond, modules are found in a reduced space (:func:`_reduced_spectral_embedding`)
-EXACT_GENES = 2000
+EXACT_GENES = 1500
 
 
 def split_module(genes: Sequence[int], max_size: int | None = None) -> list[list[int]]:

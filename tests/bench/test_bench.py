@@ -69,3 +69,23 @@ def test_cli_user_error_is_reported_not_raised(capsys):
     assert "image_size=60" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "image", "--preset", "DiT-M/2"])  # argparse choices
+
+
+def test_gpu_check_smoke_runs_on_cpu_and_reports_every_figure(tmp_path):
+    """The GPU check is prepared for a GPU machine; --smoke runs it at tiny sizes on the CPU
+    so that it cannot rot: every section is present and every rate is positive."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--work", str(tmp_path), "--out", str(tmp_path / "gpu.json")]) == 0
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["config"]["smoke"] and result["image"]["train"]["images_per_s"] > 0
+    assert result["image"]["reference"]["images_per_s"] > 0  # the fp32 eager step, measured in the same run
+    assert {"module", "latent", "gene"} == set(result["cells"])
+    assert all(v["cells_per_s"] > 0 for v in result["cells"].values())
+    assert result["counterfactual"]["cells"] == 2000 and result["counterfactual"]["seconds"] > 0
