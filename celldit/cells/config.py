@@ -116,8 +116,9 @@ class CellDiTConfig:
     ot_dims
         Leading principal components in which the OT cost is measured (null: all genes).
     center
-        Model each cell relative to the control mean of its batch (its pair_keys values) and
-        centre new control cells on their own mean at prediction time.
+        Model each cell relative to the control mean of its batch (its pair_keys values; without
+        pair_keys and covariates, the whole data set) and centre new control cells on their own
+        mean at prediction time.
     perturbation_features
         Prior features of perturbations, which let the model embed unseen ones: "expression"
         (a measured target gene's profile across control cells, by PCA), a table
@@ -215,6 +216,13 @@ class CellDiTConfig:
             raise ValueError(f"CellDiTConfig: gene_latent_tokens={self.gene_latent_tokens}: must be >= 1")
         if isinstance(self.genes, str) and self.genes not in ("all", "hvg") and not self.genes.startswith("var:"):
             raise ValueError(f"CellDiTConfig: genes={self.genes!r}: use 'all', 'hvg', 'var:COLUMN' or a list of genes")
+
+    @property
+    def centred(self) -> bool:
+        """Whether cells are modelled relative to their batch's control mean: with
+        ``pair_keys`` (batches = their values), or, without covariates, the whole data as one
+        batch (new cells are then centred on their own controls, a new batch's offset removed)."""
+        return self.center and (bool(self.pair_keys) or not self.covariate_keys)
 
     def replace(self, **changes: Any) -> CellDiTConfig:
         """A copy with some fields changed (checked like a new one)."""

@@ -10,6 +10,7 @@ OT cost. Everything here is saved with the model except the rows themselves.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,9 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
                      else None}
     ctrl = spec.control_mask(adata)
     reference = torch.from_numpy(expr.all_rows(np.flatnonzero(ctrl)).mean(0))
-    rows = centred_rows(expr, adata, ctrl, list(config.pair_keys) if config.center else [])
+    rows = centred_rows(expr, adata, ctrl, list(config.pair_keys)) if config.centred else expr
+    if not config.pair_keys:
+        warn_batch_columns(adata, spec, expr, ctrl, config.seed)
     keys = cell_conditions(adata.obs, spec)
     cov_frame = spec.covariates(adata)
     cov_group = group_codes(cov_frame)
@@ -143,12 +146,10 @@ def output_pca(x_sample: np.ndarray, offset: np.ndarray | None, seed: int, n_com
 
 
 def centred_rows(expr: ExpressionRows, adata: AnnData, ctrl: np.ndarray, keys: list[str]):
-    """Rows relative to their batch's control mean (batches: the values of ``keys``);
-    ``expr`` itself without keys."""
-    if not keys:
-        return expr
-    batch = group_codes(adata.obs[keys].astype(str))
-    values = adata.obs[keys].astype(str).agg("/".join, axis=1).to_numpy()
+    """Rows relative to their batch's control mean (batches: the values of ``keys``; no keys:
+    one batch, the whole data)."""
+    batch = group_codes(adata.obs[keys].astype(str)) if keys else np.zeros(adata.n_obs, np.int64)
+    values = adata.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys else np.full(adata.n_obs, "all")
     centers = []
     for b in range(batch.max() + 1):
         rows = np.flatnonzero((batch == b) & ctrl)
@@ -157,6 +158,57 @@ def centred_rows(expr: ExpressionRows, adata: AnnData, ctrl: np.ndarray, keys: l
                              "centre on; set center=False (--center false) or drop that batch")
         centers.append(expr.all_rows(rows).mean(0))
     return CenteredRows(expr, np.stack(centers), batch)
+
+
+def warn_batch_columns(adata: AnnData, spec: PerturbationSpec, expr: ExpressionRows, ctrl: np.ndarray,
+                       seed: int, max_controls: int = 2000, factor: float = 3.0) -> list[str]:
+    """Warn about ``obs`` columns that split the control cells into clearly different groups
+    (batches or replicates left out of ``pair_keys``); returns their names.
+
+    A column (2 to 50 levels, not a registered key) is flagged when the energy distance
+    between one level's control cells and the others' (30 PCs, at most 300 cells a side) is
+    more than ``factor`` times that between two random halves of the controls.
+    """
+    from ..eval.metrics import energy_distance
+
+    registered = {spec.perturbation_key, spec.dose_key, *spec.covariate_keys}
+    candidates = [c for c in adata.obs.columns if c not in registered and
+                  (adata.obs[c].dtype == object or isinstance(adata.obs[c].dtype, pd.CategoricalDtype))]
+    rng = np.random.default_rng([seed, 17])
+    rows = np.flatnonzero(ctrl)
+    if not candidates or len(rows) < 60:
+        return []
+    rows = np.sort(rng.choice(rows, min(max_controls, len(rows)), replace=False))
+    from sklearn.decomposition import PCA
+
+    x = expr.all_rows(rows)
+    z = PCA(int(min(30, len(rows) - 1, x.shape[1])), random_state=seed).fit_transform(x)
+
+    def energy(a: np.ndarray, b: np.ndarray) -> float:
+        a = a if len(a) <= 300 else a[rng.choice(len(a), 300, replace=False)]
+        b = b if len(b) <= 300 else b[rng.choice(len(b), 300, replace=False)]
+        return energy_distance(a, b)
+
+    half = rng.permutation(len(z))
+    noise = energy(z[half[: len(z) // 2]], z[half[len(z) // 2:]])
+    found = []
+    for column in candidates:
+        values = adata.obs[column].astype(str).to_numpy()[rows]
+        levels = [v for v in np.unique(values) if (values == v).sum() >= 20]
+        if not 2 <= len(levels) <= 50 or len(np.unique(values)) > 50:
+            continue
+        e = max(energy(z[values == v], z[values != v]) for v in levels)
+        if e > factor * noise:
+            found.append((e, column))
+    if found:
+        found.sort(reverse=True)
+        shown = ", ".join(f"{c!r} ({e:.2f})" for e, c in found)
+        warnings.warn(f"obs column(s) {shown} split the control cells into clearly different groups (energy "
+                      f"distance between a group and the rest, vs {noise:.2f} between random halves): if one holds "
+                      f"batches or replicates, pass it as pair_keys (--pair-keys {found[0][1]}), so that pairs are "
+                      "drawn within a batch and new cells are centred on their own batch's controls", UserWarning,
+                      stacklevel=3)
+    return [c for _, c in found]
 
 
 def prior_table(features: Any, x_ctrl: np.ndarray, genes: list[str], seed: int) -> pd.DataFrame | None:

@@ -250,8 +250,9 @@ class CellSampler:
 
     def _input_centers(self, controls: AnnData, x: torch.Tensor) -> torch.Tensor:
         """(n, G) offset of each input cell: the mean of the input's control cells of its
-        batch (values of the pair keys, when the input has them) for a centred model, else 0."""
-        if not (self.config.center and self.config.pair_keys):
+        batch (values of the pair keys, when the input has them; else the whole input) for a
+        centred model, else 0."""
+        if not self.config.centred:
             return torch.zeros_like(x)
         keys = [k for k in self.config.pair_keys if k in controls.obs.columns]
         batch = controls.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys else np.zeros(len(x))
@@ -328,7 +329,7 @@ class CellSampler:
                     x0 = bank_x[pick]
                 x = self._transport(x0, self._condition(label, dose, x0, cov), cov_idx, steps, method, cfg_scale,
                                     batch_size)
-                if self.config.center and self.config.pair_keys:  # the model's cells are relative to their batch's controls
+                if self.config.centred:  # the model's cells are relative to their batch's controls
                     x = x + self.model.reference
                 library = None if pick is None or self.model.bank_library is None else self.model.bank_library[pick]
                 obs = self._labels_obs(label, dose, cov, [f"celldit-{i}" for i in range(start, start + m)])

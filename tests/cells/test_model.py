@@ -99,7 +99,7 @@ def test_untrained_anchor_model_is_the_mean_shift(planted):
     np.testing.assert_allclose(model.conditions.anchor((("P",), (1.0,))), shift, atol=1e-5)
     np.testing.assert_allclose(counterfactual(model, ctrl, "P").X, ctrl.X + shift, atol=1e-5)
     gen = model.generate("P", n=50, seed=3).X  # bank controls + shift
-    bank = model.bank_x.numpy()
+    bank = model.bank_x.numpy() + model.reference.numpy()  # the bank is kept centred on the training controls
     dist = np.abs((gen - shift)[:, None, :] - bank[None]).max(-1).min(1)
     assert dist.max() < 1e-5
     # the anchor-free model starts at the identity
@@ -413,3 +413,30 @@ def test_held_out_cell_type_borrows_from_types_alike_at_baseline(tmp_path):
     model.save(tmp_path / "m")
     again = CellDiT.load(tmp_path / "m")
     np.testing.assert_allclose(counterfactual(again, a3, "P").X, counterfactual(model, a3, "P").X, atol=1e-6)
+
+
+def test_without_pair_keys_new_cells_are_centred_and_a_batch_column_is_named():
+    """No pair_keys and no covariates: the training cells are centred on their controls and a
+    new batch on its own, so a batch offset does not leak into the prediction; a column that
+    splits the controls into clearly different groups gets a warning naming the flag."""
+    rng = np.random.default_rng(5)
+    n = 80
+    xs, obs = [], []
+    for b, off in {"b1": -1.0, "b2": 1.0}.items():
+        base = 2.0 + off + 0.2 * rng.standard_normal((2 * n, G))
+        base[n:, SHIFTED] += 1.0
+        xs.append(base)
+        obs += [("control", b)] * n + [("P", b)] * n
+    obs = pd.DataFrame(obs, columns=["perturbation", "batch"], index=[f"c{i}" for i in range(len(obs))])
+    train = AnnData(np.concatenate(xs).astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(G)]))
+    with pytest.warns(UserWarning, match=r"'batch'.*--pair-keys batch"):
+        model = CellDiT(train, input_space="log1p", perturbation_features=None, **TINY)
+    assert model.config.centred and not model.config.pair_keys
+    new = AnnData((5.0 + 0.2 * rng.standard_normal((n, G))).astype(np.float32), var=train.var)
+    out = model.counterfactual(new, ["control", "P"], input_space="log1p")
+    np.testing.assert_allclose(out.X[:n], new.X, atol=1e-5)
+    shift = out.X[n:].mean(0) - new.X.mean(0)
+    np.testing.assert_allclose(shift[SHIFTED], 1.0, atol=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a column that does not split the controls: no warning
+        CellDiT(train[train.obs["batch"] == "b1"].copy(), input_space="log1p", perturbation_features=None, **TINY)
