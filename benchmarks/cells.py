@@ -43,7 +43,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from celldit.cells import CellDiT
-from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
 from celldit.eval.report import evaluate
@@ -63,6 +62,7 @@ def _summary(res, methods) -> dict:
 
 
 def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
+    registration.setdefault("perturbation_features", "expression")
     t0 = time.perf_counter()
     model = CellDiT(train, **registration, tokenizer=args.tokenizer, source=args.source, anchor=not args.no_anchor,
                     hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
@@ -92,17 +92,28 @@ def papalexi_rep3(data: Path, args) -> dict:
     spec = PerturbationSpec("perturbation", control="control")
     masks = HeldOutReplicate(spec, key="bio_rep", values=["rep_3"]).masks(raw)
     train, test = raw[masks.train].copy(), raw[masks.test].copy()
-    model, timing = _train(train, args, perturbation_key="perturbation", control="control", pair_keys=["bio_rep"])
+    pair_keys = [] if args.no_pair_keys else ["bio_rep"]
+    model, timing = _train(train, args, perturbation_key="perturbation", control="control", pair_keys=pair_keys)
     labels = test.obs["perturbation"].astype(str)
     counts = labels.value_counts()
     keep = sorted(lab for lab, n in counts.items() if n >= 40 and lab != "control")
-    pred, sampling = _sample(model, test[labels == "control"].copy(), keep, args)
-    res = evaluate(log_normalize(test), pred, spec, train=log_normalize(train), normalize=False, min_cells=40,
-                   baselines=["no_change", "mean_shift", "linear"], seed=args.seed, figures=False, cell_eval=False)
+    controls = test[labels == "control"].copy()
+    pred, sampling = _sample(model, controls, keep, args)
+    res = evaluate(test, pred, spec, train=train, min_cells=40, baselines=["no_change", "train_mean", "mean_shift",
+                   "linear"], seed=args.seed, figures=False, cell_eval=False)
     per_condition = res.table.pivot_table(index="perturbation", columns="method", values="edistance")
-    return {"n_conditions": res.summary["n_conditions"], **timing, **sampling,
-            "metrics": _summary(res, ["model", "mean_shift", "linear", "no_change"]),
-            "edistance_per_condition": per_condition.round(4).to_dict()}
+    out = {"n_conditions": res.summary["n_conditions"], "pair_keys": pair_keys, **timing, **sampling,
+           "metrics": _summary(res, ["model", "mean_shift", "train_mean", "linear", "no_change"]),
+           "edistance_per_condition": per_condition.round(4).to_dict()}
+    if args.generate:  # cells from the model alone (the noise prior, or the bank of training controls), in rep_3
+        parts = [model.generate(lab, n=int(counts[lab]), controls=controls, seed=args.seed, steps=args.sample_steps,
+                                cfg_scale=args.cfg_scale) for lab in keep]
+        gen = ad.concat(parts, merge="same")
+        gen.obs_names_make_unique()
+        res_g = evaluate(test, gen, spec, train=train, min_cells=40, baselines=[], seed=args.seed, figures=False,
+                         cell_eval=False)
+        out["generate_metrics"] = _summary(res_g, ["model"])["model"]
+    return out
 
 
 def kang(data: Path, args) -> dict:
@@ -115,8 +126,8 @@ def kang(data: Path, args) -> dict:
         model, timing = _train(train, args, perturbation_key="group_id", control="ctrl", covariate_keys=["cluster_id"])
         ctrl = test[test.obs["group_id"].astype(str) == "ctrl"].copy()
         pred, sampling = _sample(model, ctrl, ["stim"], args)
-        res = evaluate(log_normalize(test), pred, spec, train=log_normalize(train), normalize=False,
-                       baselines=["no_change", "mean_shift", "linear"], seed=args.seed, figures=False, cell_eval=False)
+        res = evaluate(test, pred, spec, train=train, baselines=["no_change", "mean_shift", "linear"], seed=args.seed,
+                       figures=False, cell_eval=False)
         out[cell_type] = {**timing, **sampling, "metrics": _summary(res, ["model", "mean_shift", "linear", "no_change"])}
         m, b = out[cell_type]["metrics"]["model"], out[cell_type]["metrics"]["mean_shift"]
         out[cell_type]["beats_mean_shift_r2_and_pd_de20"] = bool(
@@ -141,7 +152,69 @@ def norman_unseen_combo(data: Path, args, combo: str = "MAP2K6+ELMSAN1") -> dict
             "generated_finite": bool(np.isfinite(pred.X).all()), "generated_cells": pred.n_obs}
 
 
-PROTOCOLS = {"papalexi_rep3": papalexi_rep3, "kang": kang, "norman_unseen_combo": norman_unseen_combo}
+def kang_donor(data: Path, args) -> dict:
+    """Kang 2018, one donor's stimulated cells held out: each cell type's response in that donor is
+    predicted from its control cells; covariates (cell type, donor), so every (type, donor) group of
+    the held-out donor is a covariate group never trained with ``stim``."""
+    raw = ad.read_h5ad(data / KANG)
+    raw.obs["donor"] = raw.obs["sample_id"].astype(str).str.replace("ctrl", "").str.replace("stim", "")
+    spec = PerturbationSpec("group_id", control="ctrl", covariate_keys=("cluster_id", "donor"))
+    out = {}
+    for donor in sorted(raw.obs["donor"].unique()):
+        held = ((raw.obs["donor"] == donor) & (raw.obs["group_id"] == "stim")).to_numpy()
+        train, test = raw[~held].copy(), raw[(raw.obs["donor"] == donor).to_numpy()].copy()
+        model, timing = _train(train, args, perturbation_key="group_id", control="ctrl",
+                               covariate_keys=["cluster_id", "donor"])
+        ctrl = test[test.obs["group_id"].astype(str) == "ctrl"].copy()
+        pred, sampling = _sample(model, ctrl, ["stim"], args)
+        res = evaluate(test, pred, spec, train=train, baselines=["no_change", "mean_shift", "linear"], seed=args.seed,
+                       figures=False, cell_eval=False, min_cells=20)
+        out[donor] = {**timing, **sampling, "n_conditions": res.summary["n_conditions"],
+                      "metrics": _summary(res, ["model", "mean_shift", "linear", "no_change"])}
+        print(f"kang donor {donor}: {json.dumps(out[donor]['metrics'])}", file=sys.stderr, flush=True)
+    return out
+
+
+def papalexi_unseen(data: Path, args) -> dict:
+    """Papalexi 2021, perturbations never seen: the knockouts whose target gene is measured (9 of
+    25) are held out of training entirely, in ``--folds`` folds; each fold's model (trained on the
+    rep_1 + rep_2 cells of the other perturbations) predicts them from rep_3's control cells, with
+    the expression prior features (or ``--prior FILE``), against the ``train_mean`` and ``linear``
+    baselines (Ahlmann-Eltze et al. 2025: gene embeddings from a PCA of the training matrix)."""
+    raw = ad.read_h5ad(data / PAPALEXI)
+    spec = PerturbationSpec("perturbation", control="control")
+    labels = raw.obs["perturbation"].astype(str).to_numpy()
+    rep3 = (raw.obs["bio_rep"] == "rep_3").to_numpy()
+    measured = sorted(set(labels) & set(map(str, raw.var_names)))
+    folds = [measured[i::args.folds] for i in range(args.folds)]
+    tables, out = [], {"targets": measured, "folds": folds}
+    for k, fold in enumerate(folds):
+        train = raw[~rep3 & ~np.isin(labels, fold)].copy()
+        test = raw[rep3 & np.isin(labels, [*fold, "control"])].copy()
+        features = args.prior if args.prior else "expression"
+        model, timing = _train(train, args, perturbation_key="perturbation", control="control", pair_keys=["bio_rep"],
+                               perturbation_features=features)
+        pred, sampling = _sample(model, test[test.obs["perturbation"] == "control"].copy(), fold, args)
+        res = evaluate(test, pred, spec, train=train, baselines=["no_change", "train_mean", "linear"], seed=args.seed,
+                       figures=False, cell_eval=False, min_cells=40)
+        tables.append(res.table)
+        out[f"fold{k}"] = {**timing, **sampling, "metrics": _summary(res, ["model", "train_mean", "linear", "no_change"])}
+        print(f"papalexi_unseen fold {k} {fold}: {json.dumps(out[f'fold{k}']['metrics'])}", file=sys.stderr, flush=True)
+    import pandas as pd
+
+    from celldit.eval.report import summarize
+
+    table = pd.concat(tables, ignore_index=True)
+    summary = summarize(table)
+    out["metrics"] = {m: {k: None if summary[m][k] is None else round(float(summary[m][k]), 4) for k in METRICS}
+                      for m in ("model", "train_mean", "linear", "no_change")}
+    out["per_condition"] = table.pivot_table(index="perturbation", columns="method",
+                                             values=["pearson_delta_de20", "edistance"]).round(4).to_dict()
+    return out
+
+
+PROTOCOLS = {"papalexi_rep3": papalexi_rep3, "papalexi_unseen": papalexi_unseen, "kang": kang,
+             "kang_donor": kang_donor, "norman_unseen_combo": norman_unseen_combo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="training steps of the gene tokenizer (its O(G^2) attention is the slowest on "
                              "CPU; default --max-steps)")
     parser.add_argument("--no-anchor", action="store_true", help="start the control-source flow at the control cell")
+    parser.add_argument("--no-pair-keys", action="store_true",
+                        help="papalexi_rep3: the minimal command (no pair_keys: the data centred as one batch)")
+    parser.add_argument("--folds", type=int, default=3, help="papalexi_unseen: folds of held-out perturbations")
+    parser.add_argument("--prior", type=Path, default=None,
+                        help="papalexi_unseen: a prior feature table (csv/tsv/parquet, indexed by perturbation)")
+    parser.add_argument("--generate", action="store_true",
+                        help="papalexi_rep3: also score generate(P, n) (cells from the model alone, rep_3's offset)")
     parser.add_argument("--cfg-dropout", type=float, default=0.2)
     parser.add_argument("--cell-types", nargs="+", default=None, help="kang: hold out only these cell types")
     parser.add_argument("--covariate-dropout", type=float, default=0.2)

@@ -169,7 +169,8 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
     n_genes
         G.
     anchored
-        Compute mean-shift anchors (else all zero).
+        Compute mean-shift anchors (else all zero; the groups' mean control cells are computed
+        either way).
 
     Returns
     -------
@@ -184,14 +185,14 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
     anchors = np.zeros((len(uniq), n_genes), dtype=np.float32)
     shifts: dict[tuple[int, int], np.ndarray] = {}
     ctrl_means: dict[int, np.ndarray] = {}
+    groups = np.asarray(groups, dtype=np.int64)
+    n_groups = int(groups.max()) + 1 if groups.size else 1
+    pair = np.where(cond_id == 0, groups, -1) if not anchored else cond_id * n_groups + groups
+    sums, sizes = group_sums(rows, pair, (len(uniq) if anchored else 1) * n_groups)
+    means = {(int(p) // n_groups, int(p) % n_groups): (sums[p] / sizes[p]).astype(np.float32)
+             for p in np.flatnonzero(sizes)}
+    ctrl_means = {g: m for (r, g), m in means.items() if r == 0}
     if anchored:
-        groups = np.asarray(groups, dtype=np.int64)
-        n_groups = int(groups.max()) + 1 if groups.size else 1
-        pair = cond_id * n_groups + groups
-        sums, sizes = group_sums(rows, pair, len(uniq) * n_groups)
-        means = {(int(p) // n_groups, int(p) % n_groups): (sums[p] / sizes[p]).astype(np.float32)
-                 for p in np.flatnonzero(sizes)}
-        ctrl_means = {g: m for (r, g), m in means.items() if r == 0}
         for row in range(1, len(uniq)):
             mine = {g: m - ctrl_means[g] for (r, g), m in sorted(means.items()) if r == row and g in ctrl_means}
             if mine:

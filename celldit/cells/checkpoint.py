@@ -61,6 +61,7 @@ def write_model_folder(model: Any, path: str | Path, overwrite: bool = False,
     history = {k: v for k, v in model.history.items() if k not in ("losses", "loss_steps")}
     config = {"format_version": FORMAT_VERSION, "kind": KIND, "config": settings, "space": model.space,
               "tokenizer_kwargs": model.tokenizer_kwargs, "prior_dim": model.prior_dim,
+              "noise_rank": model.noise_rank, "covariate_groups": model.covariate_groups,
               "is_trained": model.is_trained, "history": history}
     bank = {"names": list(model.bank_obs.index), "obs": model.bank_obs.to_dict(orient="list")}
     extra = {"genes": model.genes, "vocab": model.vocab.to_dict(), "conditions": model.conditions.to_dict(),
@@ -186,6 +187,7 @@ def read_model_folder(path: str | Path) -> tuple[CellDiTConfig, dict[str, Any]]:
         "anchors": tensors["anchors"].numpy(), "groups": groups, "reference": tensors["reference"],
         "trained_groups": read_extra_json(folder, "trained_groups"),
         "tokenizer_kwargs": raw["tokenizer_kwargs"], "prior_dim": int(raw.get("prior_dim") or 0),
+        "noise_rank": int(raw.get("noise_rank") or 0), "covariate_groups": list(raw.get("covariate_groups") or []),
         "bank_x": tensors["bank_x"],
         "bank_library": tensors["bank_library"].numpy() if "bank_library" in tensors else None,
         "pca": (tensors["pca.mean"].numpy(), tensors["pca.components"].numpy()) if "pca.mean" in tensors else None,

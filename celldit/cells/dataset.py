@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.rows import ExpressionRows
-from ..flow.coupling import anchored_source, ot_pair_blocks
+from ..flow.coupling import anchored_source, gaussian_source, ot_pair_blocks
 
 
 class CenteredRows:
@@ -110,6 +110,12 @@ class PairedBatches(IterableDataset):
         buffers, as annbatch does) instead of row by row. None: draw from every cell.
     chunk_rows
         Rows of a contiguous chunk of the buffer.
+    prior_means, noise_prior
+        Noise source: (n_covariate_groups, G) mean control cell of each covariate group, and
+        ``(factor (G, k), sd (G,))`` of the control cells' covariance. A target's source is then
+        drawn from the Gaussian of mean (its group's mean control cell + its block's anchor) and
+        that covariance (:func:`~celldit.flow.coupling.gaussian_source`), and re-paired by OT
+        within the block like control sources.
     """
 
     def __init__(self, expr: ExpressionRows | CenteredRows, cond_id: np.ndarray, group_id: np.ndarray, cells: np.ndarray,
@@ -119,7 +125,8 @@ class PairedBatches(IterableDataset):
                  ot_basis: np.ndarray | None = None, covariate_dropout: float = 0.0,
                  unknown_cov: np.ndarray | None = None, cov_group: np.ndarray | None = None,
                  held_out_anchor=None, fixed: bool = False, buffer_cells: int | None = None,
-                 chunk_rows: int = 2048):
+                 chunk_rows: int = 2048, prior_means: np.ndarray | None = None,
+                 noise_prior: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__()
         self.expr, self.cov_idx = expr, cov_idx
         self.cond_id, self.group_id, self.control_cond = np.asarray(cond_id), np.asarray(group_id), control_cond
@@ -133,6 +140,7 @@ class PairedBatches(IterableDataset):
         self.covariate_dropout = covariate_dropout if unknown_cov is not None and cov_idx.shape[1] else 0.0
         self.unknown_cov = unknown_cov
         self.cov_group, self.held_out_anchor_fn = cov_group, held_out_anchor
+        self.prior_means, self.noise_prior = prior_means, noise_prior
         self._set_strata(self.cells, warn=True)
         backed = getattr(expr, "backed", False)
         self.buffer_cells = buffer_cells if buffer_cells and backed and buffer_cells < len(self.cells) else None
@@ -227,16 +235,20 @@ class PairedBatches(IterableDataset):
             tgt.append(t_idx), src.append(s_idx), conds.append(np.full(b, cond))
             hidden.append(stratum if self.covariate_dropout and rng.random() < self.covariate_dropout else -1)
             n += b
+        if self.noise_prior is not None:  # the noise source's draws, from the batch's own stream
+            k = self.noise_prior[0].shape[1]
+            src = [(rng.standard_normal((n, k), dtype=np.float32), rng.standard_normal((n, self.expr.n_vars),
+                                                                                         dtype=np.float32))]
         return tgt, src, conds, hidden
 
     def load(self, drawn: tuple[list, list, list, list]) -> dict[str, torch.Tensor]:
         """Read the drawn cells and build the batch (anchored sources, OT re-pairing)."""
         tgt, src, conds, hidden = drawn
-        t_idx, s_idx, cond = np.concatenate(tgt), np.concatenate(src), np.concatenate(conds)
-        x1, x0 = self.expr.rows(t_idx), self.expr.rows(s_idx)
+        t_idx, cond = np.concatenate(tgt), np.concatenate(conds)
+        x1 = self.expr.rows(t_idx)
+        x0 = None if self.noise_prior is not None else self.expr.rows(np.concatenate(src))
         cov_idx = self.cov_idx[t_idx].copy()
-        if self.anchors is not None:
-            x0 = anchored_source(x0, self.anchors[cond])
+        anchor = np.zeros_like(x1) if self.anchors is None else self.anchors[cond].copy()
         start = 0
         for block, stratum in zip(tgt, hidden):
             sl = slice(start, start + len(block))
@@ -244,7 +256,13 @@ class PairedBatches(IterableDataset):
             if stratum >= 0:
                 cov_idx[sl] = self.unknown_cov
                 if stratum in self.hidden_anchor:  # the anchor of a group never trained with the condition
-                    x0[sl] += self.hidden_anchor[stratum] - self.anchors[cond[sl.start]]
+                    anchor[sl] = self.hidden_anchor[stratum]
+        if self.noise_prior is not None:
+            (eps_low, eps), = src
+            x0 = gaussian_source(self.prior_means[self.cov_group[t_idx]] + anchor, *self.noise_prior, eps_low, eps)
+            x0 = x0.astype(np.float32)
+        else:
+            x0 = anchored_source(x0, anchor)
         if self.ot:
             x0 = ot_pair_blocks(x0, x1, [len(block) for block in tgt], self.ot_basis)
         batch = {

@@ -89,6 +89,8 @@ class CellDiT:
         self.network = self._build_network(data.prior)
         if self.config.tokenizer == "latent":
             self.network.tokenizer.fit(data.x_sample, seed=self.config.seed)
+        if data.noise_prior is not None:
+            self.network.set_noise_prior(*(torch.from_numpy(v) for v in data.noise_prior))
         self._train: Registration | None = data
         self.plan: CellTrainingPlan | None = None
         self.history: dict[str, Any] = {}
@@ -98,6 +100,8 @@ class CellDiT:
     def _set_registration(self, data: Registration) -> None:
         self.spec, self.genes, self.space, self.normalisation = data.spec, data.genes, data.space, data.normalisation
         self.var, self.pca, self.bank_library = data.var, data.pca, data.bank_library
+        self.covariate_groups = data.covariate_groups
+        self.noise_rank = 0 if data.noise_prior is None else int(data.noise_prior[0].shape[1])
         self.reference, self.conditions, self.trained_groups = data.reference, data.conditions, data.trained_groups
         self.vocab, self.tokenizer_kwargs = data.vocab, data.tokenizer_kwargs
         self.bank_x, self.bank_obs = data.bank_x, data.bank_obs
@@ -113,7 +117,19 @@ class CellDiT:
             [len(v) for v in self.vocab.covariates.values()], cfg_dropout=c.cfg_dropout,
             prior_only_prob=0.3 if has.any() else 0.0)  # covariates are hidden per block by PairedBatches
         return CellFlowNet(tokenizer, encoder, c.hidden_size, c.depth, c.num_heads, c.mlp_ratio,
-                           identity_control=c.source == "control")
+                           identity_control=c.source == "control", noise_rank=self.noise_rank)
+
+    def prior_means(self) -> np.ndarray:
+        """(n_covariate_groups, G) mean control cell of each covariate group (the noise source's
+        prior mean before the anchor; zeros for a group without controls)."""
+        means = np.zeros((max(1, len(self.covariate_groups)), len(self.genes)), np.float32)
+        for code, mean in self.conditions.group_controls.items():
+            means[code] = mean
+        return means
+
+    def noise_prior_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(factor (G, k), sd (G,))`` of the noise source's covariance (the control cells')."""
+        return (self.network.prior_factor.cpu().numpy().copy(), self.network.prior_sd.cpu().numpy().copy())
 
     def to(self, device: str | torch.device) -> CellDiT:
         """Move the network (sampling runs where it is; e.g. ``model.to("cuda")``)."""
@@ -197,13 +213,15 @@ class CellDiT:
         def batches(cells: np.ndarray, steps: int, stream_seed: int, fixed: bool = False) -> PairedBatches:
             return PairedBatches(
                 d.rows, d.cond_id, d.pair_group, cells, 0, pert_idx, pert_scale, d.cov_idx,
-                anchors=self.conditions.anchors if c.anchor and c.source == "control" else None,
+                anchors=self.conditions.anchors if c.anchor else None,
                 include_control=c.source == "noise", batch_size=fit_config.batch_size,
                 block_size=fit_config.block_size, ot=c.ot, steps=steps, seed=stream_seed, ot_basis=d.ot_basis,
                 covariate_dropout=c.covariate_dropout, cov_group=d.cov_group,
                 unknown_cov=np.array([len(v) for v in self.vocab.covariates.values()], dtype=np.int64),
                 held_out_anchor=self.conditions.held_out_anchor, fixed=fixed,
-                buffer_cells=None if fixed else fit_config.buffer_cells)
+                buffer_cells=None if fixed else fit_config.buffer_cells,
+                prior_means=self.prior_means() if c.source == "noise" else None,
+                noise_prior=self.noise_prior_arrays() if c.source == "noise" else None)
 
         validation = None if val_cells is None else batches(val_cells, 4, seed + 1, fixed=True)
         return batches(train_cells, fit_config.max_steps, seed), validation
@@ -241,6 +259,7 @@ class CellDiT:
         self.spec, self.genes, self.space = state["spec"], state["genes"], state["space"]
         self.normalisation, self.var, self.pca = state["normalisation"], state["var"], state["pca"]
         self.bank_library = state["bank_library"]
+        self.covariate_groups, self.noise_rank = state["covariate_groups"], state["noise_rank"]
         self.reference, self.trained_groups = state["reference"], state["trained_groups"]
         self.vocab = PerturbationVocab.from_dict(state["vocab"])
         self.conditions = ConditionTable.from_dict(state["conditions"], state["anchors"], state["groups"])

@@ -168,13 +168,21 @@ class CellFlowNet(nn.Module):
         Zero velocity for control conditions (see module notes).
     gradient_checkpointing
         Recompute block activations in the backward pass (saves memory on long gene sequences).
+    noise_rank
+        Noise source: rank k of the Gaussian prior's covariance factor (buffers ``prior_factor``
+        (G, k) and ``prior_sd`` (G,), filled by :meth:`set_noise_prior`); 0: standard normal noise.
     """
 
     def __init__(self, tokenizer: Tokenizer, encoder: PerturbationEncoder, hidden_size: int = 128,
                  depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, identity_control: bool = True,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, noise_rank: int = 0):
         super().__init__()
         self.identity_control = identity_control
+        self.noise_rank = noise_rank
+        if noise_rank:
+            n_genes = tokenizer.n_genes
+            self.register_buffer("prior_factor", torch.zeros(n_genes, noise_rank))
+            self.register_buffer("prior_sd", torch.zeros(n_genes))
         self.dit = DiT(tokenizer, hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                        num_classes=0, context_dim=encoder.dim, gradient_checkpointing=gradient_checkpointing)
         self.encoder = encoder
@@ -187,13 +195,28 @@ class CellFlowNet(nn.Module):
     def tokenizer(self) -> Tokenizer:
         return self.dit.x_embedder
 
+    def set_noise_prior(self, factor: torch.Tensor, sd: torch.Tensor) -> None:
+        """The noise source's covariance: ``factor factor^T + diag(sd^2)`` (see :meth:`source_noise`)."""
+        self.prior_factor.copy_(factor)
+        self.prior_sd.copy_(sd)
+
     def source_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
                      device: torch.device | str | None = None) -> torch.Tensor:
-        """Gaussian source of the noise coupling, on the tokenizer's subspace when it has one
-        (drawn on the generator's device, returned on ``device``, default the network's)."""
+        """Gaussian noise of the noise coupling (drawn on the generator's device, returned on
+        ``device``, default the network's).
+
+        With a prior (``noise_rank > 0``): ``factor eps_k + sd * eps_G``, zero-mean with the
+        control cells' covariance (a low-rank part and a per-gene rest), to which the caller
+        adds the prior's mean (the condition's mean control cell plus anchor). Without: standard
+        normal noise, on the tokenizer's subspace when it has one.
+        """
         device = device if device is not None else next(self.parameters()).device
-        eps = torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
-        eps = eps.to(device)
+        source = generator.device if generator is not None else device
+        if self.noise_rank:
+            low = torch.randn((shape[0], self.noise_rank), generator=generator, device=source).to(device)
+            eps = torch.randn(shape, generator=generator, device=source).to(device)
+            return low @ self.prior_factor.T + eps * self.prior_sd  # as flow.coupling.gaussian_source, mean 0
+        eps = torch.randn(shape, generator=generator, device=source).to(device)
         project = getattr(self.tokenizer, "project_noise", None)
         return project(eps) if project is not None else eps
 

@@ -23,8 +23,9 @@ class CellTrainingPlan(FlowTrainingPlan):
     network
         The cell velocity network.
     source
-        ``"control"``: x0 is the paired control cell (direct transport). ``"noise"``: x0 is
-        Gaussian noise from ``network.source_noise`` and the paired cell is ignored.
+        ``"control"`` or ``"noise"``: the coupling, whose source the batch carries (a control
+        cell plus its anchor, or a draw of the noise prior; see
+        :class:`~celldit.cells.dataset.PairedBatches`).
     **kwargs
         Passed to :class:`~celldit.train.plan.FlowTrainingPlan` (flow, lr, ema_decay, ...).
     """
@@ -39,7 +40,5 @@ class CellTrainingPlan(FlowTrainingPlan):
         if not isinstance(batch, Mapping) or "source" not in batch:
             return super().batch_to_loss(batch)
         batch = dict(batch)
-        src = batch.pop("source")
-        if self.source == "noise":
-            src = self.network.source_noise(tuple(src.shape), device=src.device).to(src.dtype)
-        return super().batch_to_loss({**batch, "x0": src})
+        source = batch.pop("source")
+        return super().batch_to_loss({**batch, "x0": source})

@@ -39,6 +39,7 @@ SAMPLE_CELLS = 20_000  # cells that fit the gene modules, the codec and the OT b
 PRIOR_CELLS = 5_000  # control cells that build the expression prior features
 MAX_MODULE_SIZE = 64  # genes per module token (larger modules are split), below MAX_DEFAULT_MODULES x 64 genes
 MAX_DEFAULT_MODULES = 64  # the default module count stops growing here: the backbone's cost stays bounded
+NOISE_RANK = 32  # rank of the noise source's covariance factor
 
 
 def group_codes(frame: pd.DataFrame) -> np.ndarray:
@@ -81,6 +82,8 @@ class Registration:
     ot_basis: np.ndarray | None = None
     x_sample: np.ndarray | None = field(default=None, repr=False)
     pca: tuple[np.ndarray, np.ndarray] | None = None  # (mean (G,), components (G, k)) of the outputs' X_pca
+    covariate_groups: list[str] = field(default_factory=list)  # code -> covariate values joined by \x1f
+    noise_prior: tuple[np.ndarray, np.ndarray] | None = None  # (factor (G, k), sd (G,)) of the noise source
 
 
 def register(adata: AnnData, config: CellDiTConfig) -> Registration:
@@ -106,7 +109,7 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     cov_frame = spec.covariates(adata)
     cov_group = group_codes(cov_frame)
     pair_group = group_codes(pd.concat([cov_frame, adata.obs[list(config.pair_keys)].astype(str)], axis=1))
-    use_anchor = config.anchor and config.source == "control"
+    use_anchor = config.anchor
     table, cond_id = build_condition_table(keys, cov_group, rows, len(genes), anchored=use_anchor)
     cov_key = cov_frame.agg("\x1f".join, axis=1) if cov_frame.shape[1] else pd.Series("", index=cov_frame.index)
     trained_groups = sorted({f"{c}\x1e{g}" for c, g in zip(cond_id, cov_key)})
@@ -127,9 +130,26 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
         k = int(min(config.ot_dims, x_sample.shape[0] - 1, x_sample.shape[1]))
         ot_basis = PCA(k, random_state=config.seed).fit(x_sample).components_.T.astype(np.float32)  # (G, k)
     pca = output_pca(x_sample, reference.numpy() if rows is not expr else None, config.seed)
+    cov_strings = cov_frame.agg("\x1f".join, axis=1) if cov_frame.shape[1] else pd.Series("", index=cov_frame.index)
+    covariate_groups = sorted(cov_strings.unique().tolist())
+    noise_prior = control_covariance(x_sample[cond_id[sample] == 0], NOISE_RANK) if config.source == "noise" else None
     return Registration(spec, genes, space, normalisation, reference, table, trained_groups, vocab, prior, tok_kwargs,
                         bank_x, bank_obs, bank_library, var, rows, cond_id, pair_group, cov_group, vocab.encode_covariates(cov_frame),
-                        ot_basis, x_sample, pca)
+                        ot_basis, x_sample, pca, covariate_groups, noise_prior)
+
+
+def control_covariance(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(factor (G, k), sd (G,))`` with ``factor factor^T + diag(sd^2)`` the covariance of the
+    control cells ``x``: its top ``k`` principal directions, and the per-gene variance left."""
+    x = np.asarray(x, dtype=np.float64)
+    centred = x - x.mean(0)
+    k = int(min(rank, max(1, len(x) - 1), x.shape[1]))
+    _, S, Vt = np.linalg.svd(centred, full_matrices=False)
+    factor = Vt[:k].T * (S[:k] / np.sqrt(max(len(x) - 1, 1)))  # (G, k)
+    rest = np.clip(centred.var(0, ddof=1) - (factor ** 2).sum(1), 0.0, None)
+    if k < rank:
+        factor = np.pad(factor, ((0, 0), (0, rank - k)))
+    return factor.astype(np.float32), np.sqrt(rest).astype(np.float32)
 
 
 def output_pca(x_sample: np.ndarray, offset: np.ndarray | None, seed: int, n_components: int = 30

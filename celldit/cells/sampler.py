@@ -58,7 +58,7 @@ class CellSampler:
         key = parse_condition(str(label), dose, self.spec)
         pert_idx, pert_scale = self.vocab.encode_conditions([key[0]], [key[1]])
         n = x.shape[0]
-        if not (self.config.anchor and self.config.source == "control"):
+        if not self.config.anchor:
             return pert_idx, pert_scale, np.zeros((n, len(self.genes)), np.float32)
         anchors = np.repeat(self.conditions.anchor(key)[None], n, axis=0)
         unseen = self._unseen_groups(label, dose, cov)
@@ -89,9 +89,8 @@ class CellSampler:
                 cov = torch.from_numpy(cov_idx[sl]).to(device)
                 v = velocity_fn(net, flow, _conditioning(pert, cov), _conditioning(pert, cov, drop=True),
                                 cfg_scale=cfg_scale)
-                x0 = x[sl].to(device)
-                if self.config.source == "control":
-                    x0 = anchored_source(x0, torch.from_numpy(pert[2][sl]).to(device))
+                # the source moved by the condition's anchor (control cells, or the noise prior's mean)
+                x0 = anchored_source(x[sl].to(device), torch.from_numpy(pert[2][sl]).to(device))
                 y = (integrate(v, x0, 1.0, 0.0, steps=steps, method=method) if reverse
                      else integrate(v, x0, 0.0, 1.0, steps=steps, method=method))
                 out.append(y.float().cpu())
@@ -273,7 +272,8 @@ class CellSampler:
 
     def generate(self, condition: str | Mapping[str, Any], n: int = 100, *, steps: int | None = None,
                  method: str | None = None, cfg_scale: float | None = None, seed: int = 0, counts: bool = False,
-                 raw_layer: bool = False, out: str | None = None, overwrite: bool = False) -> AnnData:
+                 raw_layer: bool = False, out: str | None = None, overwrite: bool = False,
+                 controls: AnnData | None = None) -> AnnData:
         """``n`` new cells under ``condition``.
 
         Parameters
@@ -291,6 +291,10 @@ class CellSampler:
         counts, raw_layer, out, overwrite
             As in :meth:`counterfactual` (library sizes of the counts layer are drawn from the
             training controls').
+        controls
+            Control cells of the batch to generate in (a centred model): their mean is the
+            batch's offset, in place of the training controls' mean. E.g. generating cells of
+            a new replicate from its controls' mean only.
         """
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n={n!r}: the number of cells must be an integer >= 1")
@@ -304,17 +308,30 @@ class CellSampler:
             raise KeyError(f"condition needs a value for the covariate(s) {missing} registered with the model")
         label, dose = cond[self.spec.perturbation_key], cond.get(self.spec.dose_key) if self.spec.dose_key else None
         self._check_dose(cond.get("dose") if self.spec.dose_key is None else None)
+        offset = self.model.reference
+        if controls is not None:
+            rows = self.input_rows(self._controls_of(controls))
+            offset = torch.from_numpy(rows.all_rows().mean(0))
         gen = torch.Generator().manual_seed(seed)
         bank_x, bank_obs = self.model.bank_x, self.model.bank_obs
         pool = np.arange(len(bank_obs))
+        where = ", ".join(f"{k}={cond[k]!r}" for k in self.spec.covariate_keys)
         if self.config.source == "control":
             match = np.ones(len(bank_obs), dtype=bool)
             for k in self.spec.covariate_keys:
                 match &= bank_obs[k].astype(str).to_numpy() == str(cond[k])
             if not match.any():
-                raise ValueError(f"no training control cells with {', '.join(f'{k}={cond[k]!r}' for k in self.spec.covariate_keys)}"
-                                 " to start from; use counterfactual() with control cells of that group")
+                raise ValueError(f"no training control cells with {where} to start from; use counterfactual() "
+                                 "with control cells of that group")
             pool = np.flatnonzero(match)
+        else:
+            group = "\x1f".join(str(cond[k]) for k in self.spec.covariate_keys)
+            groups = self.model.covariate_groups or [""]
+            if group not in groups:
+                raise ValueError(f"no training control cells with {where}: the noise prior has no mean for that "
+                                 "group; use counterfactual() with control cells of it")
+            prior_mean = torch.from_numpy(self.model.prior_means()[groups.index(group)]) if self.model.noise_rank \
+                else torch.zeros(len(self.genes))
         writer = self._writer(self.model.var.copy(), counts, raw_layer, out, overwrite, seed)
         try:
             for start in range(0, n, batch_size):
@@ -322,7 +339,7 @@ class CellSampler:
                 cov = pd.DataFrame({k: [str(cond[k])] * m for k in self.spec.covariate_keys}, index=range(m))
                 cov_idx = self._covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=m))
                 if self.config.source == "noise":
-                    x0 = self.network.source_noise((m, len(self.genes)), generator=gen).cpu()
+                    x0 = prior_mean + self.network.source_noise((m, len(self.genes)), generator=gen).cpu()
                     pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()] if counts else None
                 else:
                     pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()]
@@ -330,7 +347,7 @@ class CellSampler:
                 x = self._transport(x0, self._condition(label, dose, x0, cov), cov_idx, steps, method, cfg_scale,
                                     batch_size)
                 if self.config.centred:  # the model's cells are relative to their batch's controls
-                    x = x + self.model.reference
+                    x = x + offset
                 library = None if pick is None or self.model.bank_library is None else self.model.bank_library[pick]
                 obs = self._labels_obs(label, dose, cov, [f"celldit-{i}" for i in range(start, start + m)])
                 writer.add(x.numpy(), obs, library)

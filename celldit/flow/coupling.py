@@ -1,6 +1,8 @@
 """Couplings: how a source x0 (t = 0) is paired with each data point x1 (t = 1).
 
-* Noise coupling: x0 ~ N(0, I) (:func:`noise_like`).
+* Noise coupling: x0 ~ N(0, I) (:func:`noise_like`), or a Gaussian with a given mean and a
+  low-rank-plus-diagonal covariance (:func:`gaussian_source`): for cells, each condition's
+  mean control cell plus its anchor, with the control cells' covariance.
 * Anchored control coupling: x0 is a control cell moved by its condition's anchor, the
   mean-shift estimate of the effect (:func:`anchored_source`), so that a network that
   predicts zero velocity already predicts the mean shift. Training batches and sampling
@@ -25,6 +27,22 @@ from scipy.optimize import linear_sum_assignment
 def noise_like(x1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard Gaussian source with the shape, device and dtype of ``x1``."""
     return torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
+
+
+def gaussian_source(mean, factor, sd, eps_low, eps):
+    """``mean + eps_low @ factor^T + eps * sd``: a Gaussian source with covariance
+    ``factor factor^T + diag(sd^2)`` from standard normal draws (arrays or tensors alike).
+
+    Parameters
+    ----------
+    mean
+        (B, G) means.
+    factor, sd
+        (G, k) low-rank factor and (G,) per-gene standard deviation of the rest.
+    eps_low, eps
+        (B, k) and (B, G) standard normal draws.
+    """
+    return mean + eps_low @ factor.T + eps * sd
 
 
 def anchored_source(x_control, anchor):
