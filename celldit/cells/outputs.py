@@ -2,9 +2,12 @@
 
 Every block of predicted cells goes through the same steps:
 
-* ``X`` (dense float32) is clipped at 0, the support of ``log1p`` expression (a control cell plus a negative
-  shift can dip below it); the unclipped flow output is kept in ``layers['flow']`` only
-  when asked (``raw_layer=True``);
+* ``X`` (dense float32) is brought to the support of ``log1p`` expression (>= 0): a control
+  cell plus a negative shift can dip below it. ``support="rescale"`` (default) sets negative
+  values to 0 and scales each gene's positive values over the block so that its mean is
+  unchanged (mean-preserving: clipping alone would raise the mean of every decreased gene);
+  ``"clip"`` sets them to 0; ``"none"`` keeps the flow output. The flow output itself goes to
+  ``layers['flow']`` when asked (``raw_layer=True``);
 * ``obs`` columns of labels (the perturbation key, covariates, ``celldit_source``) are
   categorical, as scanpy expects;
 * ``var`` keeps the input's (or training data's) annotations of the model's genes;
@@ -30,9 +33,22 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-__all__ = ["OutputWriter"]
+__all__ = ["OutputWriter", "SUPPORTS", "to_support"]
 
 TARGET_SUM = 1e4
+SUPPORTS = ("rescale", "clip", "none")
+
+
+def to_support(x: np.ndarray, how: str = "rescale") -> np.ndarray:
+    """``x`` (cells x genes, log1p space) on the support [0, inf) (see the module notes)."""
+    if how == "none":
+        return x
+    positive = np.clip(x, 0.0, None)
+    if how == "clip" or not len(x):
+        return positive
+    total, kept = x.sum(0, dtype=np.float64), positive.sum(0, dtype=np.float64)
+    scale = np.where(kept > 0, np.clip(total, 0.0, None) / np.where(kept > 0, kept, 1.0), 0.0)
+    return (positive * scale.astype(np.float32)).astype(np.float32)
 
 
 class OutputWriter:
@@ -51,7 +67,10 @@ class OutputWriter:
     counts
         Sample a counts layer (blocks must then come with library sizes).
     raw_layer
-        Keep the unclipped flow output in ``layers['flow']``.
+        Keep the flow output, before ``support``, in ``layers['flow']``.
+    support
+        ``"rescale"``, ``"clip"`` or ``"none"`` (see the module notes); a block is the cells of
+        one condition integrated together.
     path
         Stream to this ``.h5ad`` (must not exist unless ``overwrite``); None: in memory.
     seed
@@ -60,7 +79,10 @@ class OutputWriter:
 
     def __init__(self, var: pd.DataFrame, uns: dict[str, Any], categorical: list[str], *,
                  pca: tuple[np.ndarray, np.ndarray] | None = None, counts: bool = False, raw_layer: bool = False,
-                 path: str | Path | None = None, overwrite: bool = False, seed: int = 0):
+                 path: str | Path | None = None, overwrite: bool = False, seed: int = 0, support: str = "rescale"):
+        if support not in SUPPORTS:
+            raise ValueError(f"support={support!r}: choose one of {list(SUPPORTS)}")
+        self.support = support
         self.var, self.uns, self.categorical = var, uns, categorical
         self.pca, self.counts, self.raw_layer = pca, counts, raw_layer
         self.rng = np.random.default_rng([seed, 2])
@@ -82,18 +104,19 @@ class OutputWriter:
         if not np.isfinite(x).all():
             raise FloatingPointError("the model produced non-finite values: check the guidance scale and the "
                                      "solver settings")
-        parts = {"X": np.clip(x, 0.0, None)}
+        valid = to_support(x, self.support)
+        parts = {"X": valid}
         if self.raw_layer:
             parts["flow"] = x
         if self.counts:
             if library is None:
                 raise ValueError("counts=True needs the library size of each source cell (counts input, or a "
                                  "size-factor column)")
-            rate = np.expm1(np.clip(x, 0.0, None)).astype(np.float64) * (np.asarray(library, float)[:, None] / TARGET_SUM)
+            rate = np.expm1(np.clip(valid, 0.0, None)).astype(np.float64) * (np.asarray(library, float)[:, None] / TARGET_SUM)
             parts["counts"] = sp.csr_matrix(self.rng.poisson(rate).astype(np.float32))
         if self.pca is not None:
             mean, components = self.pca
-            parts["pca"] = ((np.clip(x, 0.0, None) - mean) @ components).astype(np.float32)
+            parts["pca"] = ((valid - mean) @ components).astype(np.float32)
         self.obs.append(obs)
         self.n_obs += len(x)
         if self.path is None:

@@ -121,14 +121,14 @@ class CellSampler:
             raise
 
     def _writer(self, var: pd.DataFrame, counts: bool, raw_layer: bool, out: Any, overwrite: bool,
-                seed: int) -> OutputWriter:
+                seed: int, support: str) -> OutputWriter:
         space = self.model.space
         uns = {"space": space, "target_sum": 1e4 if space == "log1p_normalized" else None,
                "source": self.config.source, "tokenizer": self.config.tokenizer,
-               "perturbation_key": self.spec.perturbation_key, "clipped_at": 0.0}
+               "perturbation_key": self.spec.perturbation_key, "support": support}
         categorical = [self.spec.perturbation_key, *self.spec.covariate_keys, "celldit_source"]
         return OutputWriter(var, uns, categorical, pca=self.model.pca, counts=counts, raw_layer=raw_layer, path=out,
-                            overwrite=overwrite, seed=seed)
+                            overwrite=overwrite, seed=seed, support=support)
 
     def _labels_obs(self, label: str, dose: Any, cov: pd.DataFrame, index: Sequence[str]) -> pd.DataFrame:
         obs = pd.DataFrame(index=pd.Index([str(i) for i in index]))
@@ -149,7 +149,8 @@ class CellSampler:
                        steps: int | None = None, method: str | None = None, cfg_scale: float | None = None,
                        seed: int = 0, batch_size: int | None = None, layer: str | None = None,
                        size_factor_key: str | None = None, input_space: str = "auto", counts: bool = False,
-                       raw_layer: bool = False, out: str | None = None, overwrite: bool = False) -> AnnData:
+                       raw_layer: bool = False, out: str | None = None, overwrite: bool = False,
+                       support: str = "rescale") -> AnnData:
         """What the control cells of ``adata_control`` would look like under each perturbation.
 
         Parameters
@@ -179,7 +180,11 @@ class CellSampler:
             Add ``layers['counts']``: counts sampled from the prediction with each source
             cell's library size.
         raw_layer
-            Keep the unclipped flow output in ``layers['flow']``.
+            Keep the flow output in ``layers['flow']`` (X is on log1p's support, see ``support``).
+        support
+            How ``X`` is brought to log1p's support (>= 0): ``"rescale"`` (default: negative
+            values to 0, each gene's positive values scaled so that its mean over the cells of
+            a condition is kept), ``"clip"`` or ``"none"`` (see :mod:`celldit.cells.outputs`).
         out
             Write the cells to this ``.h5ad`` block by block (bounded memory) and return it
             opened backed; None returns an in-memory AnnData.
@@ -188,8 +193,8 @@ class CellSampler:
 
         Returns
         -------
-        AnnData, one cell per (control cell, perturbation), label by label: ``X`` (CSR) in
-        the model's expression space over its genes, clipped at 0; ``var`` the input's
+        AnnData, one cell per (control cell, perturbation), label by label: ``X`` in the
+        model's expression space over its genes, on log1p's support; ``var`` the input's
         annotations of those genes; ``obs`` with the registered keys (categorical) and
         ``celldit_source`` (the control cell's name); ``obsm['X_pca']`` (the model's PCA).
         """
@@ -208,7 +213,7 @@ class CellSampler:
         cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
         cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
         source_var = controls.raw.var if layer == "raw" else controls.var
-        writer = self._writer(source_var.loc[self.genes].copy(), counts, raw_layer, out, overwrite, seed)
+        writer = self._writer(source_var.loc[self.genes].copy(), counts, raw_layer, out, overwrite, seed, support)
         torch.manual_seed(seed)
         try:
             # noise source: invert once under the control condition, then generate under each label
@@ -273,7 +278,7 @@ class CellSampler:
     def generate(self, condition: str | Mapping[str, Any], n: int = 100, *, steps: int | None = None,
                  method: str | None = None, cfg_scale: float | None = None, seed: int = 0, counts: bool = False,
                  raw_layer: bool = False, out: str | None = None, overwrite: bool = False,
-                 controls: AnnData | None = None) -> AnnData:
+                 controls: AnnData | None = None, support: str = "rescale") -> AnnData:
         """``n`` new cells under ``condition``.
 
         Parameters
@@ -288,7 +293,7 @@ class CellSampler:
         seed
             Seed of the noise (noise source) or of the control cells drawn from the bank
             of training controls saved with the model (control source).
-        counts, raw_layer, out, overwrite
+        counts, raw_layer, out, overwrite, support
             As in :meth:`counterfactual` (library sizes of the counts layer are drawn from the
             training controls').
         controls
@@ -332,7 +337,7 @@ class CellSampler:
                                  "group; use counterfactual() with control cells of it")
             prior_mean = torch.from_numpy(self.model.prior_means()[groups.index(group)]) if self.model.noise_rank \
                 else torch.zeros(len(self.genes))
-        writer = self._writer(self.model.var.copy(), counts, raw_layer, out, overwrite, seed)
+        writer = self._writer(self.model.var.copy(), counts, raw_layer, out, overwrite, seed, support)
         try:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)

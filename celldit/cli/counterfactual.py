@@ -71,7 +71,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--counts", action="store_true",
                    help="add layers['counts']: counts sampled from the prediction with each source cell's library size")
     p.add_argument("--raw-layer", action="store_true",
-                   help="keep the unclipped flow output in layers['flow'] (X is clipped at 0, log1p's support)")
+                   help="keep the flow output in layers['flow'] (X is on log1p's support, see --support)")
+    p.add_argument("--support", choices=("rescale", "clip", "none"), default="rescale",
+                   help="how X is brought to log1p's support (>= 0): rescale (default: negatives to 0, each gene's "
+                        "positive values scaled to keep its mean over a condition's cells), clip, or none")
     p.add_argument("--out", required=True, type=Path, help="output .h5ad, written block by block (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -138,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     pred = model.counterfactual(adata, labels, dose=args.dose, steps=args.steps, method=args.method,
                                 cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.chunk_size,
                                 layer=args.layer, size_factor_key=args.size_factor_key, input_space=args.input_space,
-                                counts=args.counts, raw_layer=args.raw_layer, out=out, overwrite=args.overwrite)
+                                counts=args.counts, raw_layer=args.raw_layer, out=out, overwrite=args.overwrite,
+                                support=args.support)
     if pred.isbacked:
         pred.file.close()
     n_src = pred.n_obs // len(labels)

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         model.config.sampler.batch_size = args.chunk_size
     cells = model.generate(cond, n=args.n, steps=args.steps, method=args.method, cfg_scale=args.cfg_scale,
                            seed=args.seed, counts=args.counts, raw_layer=args.raw_layer, out=out,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, support=args.support)
     cells.file.close()
     shown = ", ".join(f"{k}={v}" for k, v in cond.items())
     print(f"wrote {cells.n_obs} cells x {cells.n_vars} genes under {shown} to {out}")

@@ -39,10 +39,21 @@ class PlainRows:
 
         self._x = adata.X
         self.n_obs, self.n_vars = adata.shape
+        negative, low = 0, 0.0
         for start in range(0, self.n_obs, 8192):  # NaN / infinite values, in one chunked pass
             block = self._x[start: start + 8192]
-            check_expression(block.to_memory() if hasattr(block, "to_memory") else block, "pred X",
-                             allow_negative=True)
+            block = block.to_memory() if hasattr(block, "to_memory") else block
+            check_expression(block, "pred X", allow_negative=True)
+            values = block.data if sp.issparse(block) else np.asarray(block)
+            if values.size:
+                negative += int((values < 0).sum())
+                low = min(low, float(values.min()))
+        if negative:
+            import warnings
+
+            warnings.warn(f"pred X holds {negative} negative values (min {low:.3g}), impossible in log1p-normalised "
+                          "space; they are scored as given (celldit's outputs keep X on the support, see "
+                          "CellDiT.counterfactual(support=...))", UserWarning, stacklevel=3)
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)

@@ -40,8 +40,18 @@ def test_output_shapes_follow_scanpy_conventions(model, screen):
     assert list(out.var["symbol"]) == [f"SYM{i}" for i in range(20)]  # the input's annotations are kept
     for key in ("perturbation", "cell_type", "celldit_source"):
         assert isinstance(out.obs[key].dtype, pd.CategoricalDtype), key
-    # X: the flow output clipped at 0 (log1p's support); the raw output is kept on request
-    assert out.X.min() >= 0 and np.array_equal(out.X, np.clip(out.layers["flow"], 0, None))
+    # X: the flow output on log1p's support (>= 0), each gene's mean over a condition's cells kept;
+    # the raw flow output is kept on request
+    flow = out.layers["flow"]
+    assert flow.min() < 0 <= out.X.min()
+    for block in (slice(0, n), slice(n, 2 * n)):
+        kept = flow[block].mean(0) > 0
+        np.testing.assert_allclose(out.X[block].mean(0)[kept], flow[block].mean(0)[kept], rtol=1e-4, atol=1e-5)
+        assert np.all(out.X[block][:, ~kept] == 0)
+    clipped = model.counterfactual(controls(screen), ["P"], support="clip").X
+    np.testing.assert_array_equal(clipped, np.clip(flow[:n], 0, None))
+    with pytest.raises(ValueError, match="support='round'"):
+        model.counterfactual(controls(screen), ["P"], support="round")
     # the counts layer: Poisson draws around expm1(x) * library size / 1e4
     library = np.tile(screen.obs["n_counts"].to_numpy()[screen.obs["perturbation"] == "control"], 2)
     expected = np.expm1(out.X) * library[:, None] / 1e4
