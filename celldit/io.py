@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_model_folder", "read_json", "read_extra_json", "save_model_folder",
-           "tensor_shapes", "write_h5ad_atomic"]
+           "physical_memory", "tensor_shapes", "write_h5ad_atomic"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -174,3 +174,11 @@ def write_h5ad_atomic(adata: Any, path: str | Path, overwrite: bool = False) -> 
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (0 when the platform does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0

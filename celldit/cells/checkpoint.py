@@ -20,6 +20,7 @@ version 1 (celldit 0.1) load through :func:`upgrade_v1`.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -146,7 +147,7 @@ def _read_var(folder: Path, genes: list[str]) -> pd.DataFrame:
     """The saved ``var`` annotations of the model's genes (an empty frame for older folders)."""
     if not (folder / "var.json").is_file():
         return pd.DataFrame(index=pd.Index(genes))
-    var = pd.read_json(json.dumps(read_extra_json(folder, "var")), orient="split")
+    var = pd.read_json(io.StringIO(json.dumps(read_extra_json(folder, "var"))), orient="split")
     var.index = var.index.astype(str)
     return var
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..flow import RectifiedFlow
-from ..flow.sampling import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS
+from ..flow.sampling import SOLVERS
 from ..options import check_options, from_mapping, option
 from ..train.config import FitConfig, TrainerConfig
 
@@ -24,7 +24,6 @@ __all__ = ["CellDiTConfig", "CellFitConfig", "SamplerConfig", "TOKENIZER_NAMES",
 
 TOKENIZER_NAMES = ("gene", "module", "latent")
 SOURCES = ("control", "noise")
-SOLVERS = (*FIXED_STEP_SOLVERS, "adaptive", *ADAPTIVE_SOLVERS)
 #: solver used when none is asked, by coupling: a control source moves cells a short way
 DEFAULT_SOLVER = {"control": ("euler", 20), "noise": ("heun", 50)}
 
@@ -194,7 +193,7 @@ class CellDiTConfig:
     covariate_dropout: float = option(0.2, ge=0, lt=1)
     flow: RectifiedFlow = option(default_factory=RectifiedFlow)
     sampler: SamplerConfig = option(default_factory=SamplerConfig)
-    seed: int = 0
+    seed: int = option(0, ge=0, le=2**32 - 1)
 
     def __post_init__(self) -> None:
         self.control = _as_list(self.control)
@@ -265,7 +264,7 @@ class CellFitConfig(FitConfig):
     warmup_steps: int = option(100, ge=0)
     lr_schedule: str = option("cosine", choices=("constant", "cosine"))
     ema_decay: float | None = option(0.999, ge=0, lt=1)
-    seed: int | None = None
+    seed: int | None = option(None, ge=0, le=2**32 - 1)
     validation_fraction: float = option(0.0, ge=0, lt=1)
     validation_every_n_steps: int = option(100, ge=1)
     early_stopping_patience: int | None = option(None, ge=1)

@@ -91,7 +91,7 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     spec = spec_of(config)
     spec.validate(adata)
     for key in config.pair_keys:
-        spec._require_key(adata, key, "pair_keys")
+        spec.require_labels(adata, key, "pair_keys", "a batch label")
     genes = select_genes(adata, config.genes, config.n_top_genes, layer=config.layer, input_space=config.input_space,
                          size_factor_key=config.size_factor_key, seed=config.seed)
     expr = ExpressionRows(adata, genes, layer=config.layer, input_space=config.input_space,
@@ -174,8 +174,10 @@ def centred_rows(expr: ExpressionRows, adata: AnnData, ctrl: np.ndarray, keys: l
     for b in range(batch.max() + 1):
         rows = np.flatnonzero((batch == b) & ctrl)
         if rows.size == 0:
-            raise ValueError(f"batch {values[batch == b][0]!r} of pair_keys {keys} has no control cells to "
-                             "centre on; set center=False (--center false) or drop that batch")
+            raise ValueError(f"batch {values[batch == b][0]!r} of pair_keys {keys} ({int((batch == b).sum())} cells) "
+                             "has no control cells, so its cells can be neither centred on nor paired with "
+                             "controls of their batch; drop those cells, or leave that column out of pair_keys "
+                             "(--pair-keys)")
         centers.append(expr.all_rows(rows).mean(0))
     return CenteredRows(expr, np.stack(centers), batch)
 

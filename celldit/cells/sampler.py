@@ -14,7 +14,10 @@ Input cells are brought to the model's space on the model's normalisation basis 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,8 @@ from anndata import AnnData
 
 from ..data.rows import ExpressionRows
 from ..flow import anchored_source, integrate, velocity_fn
+from ..io import physical_memory
+from .config import SamplerConfig
 from .outputs import OutputWriter
 from .vocab import parse_condition
 
@@ -199,12 +204,15 @@ class CellSampler:
         ``celldit_source`` (the control cell's name); ``obsm['X_pca']`` (the model's PCA).
         """
         self._check_dose(dose)
-        cfg_scale = self.config.sampler.cfg_scale if cfg_scale is None else cfg_scale
-        batch_size = batch_size or self.config.sampler.batch_size
+        settings = self._settings(steps=steps, method=method, cfg_scale=cfg_scale, batch_size=batch_size)
+        cfg_scale, batch_size = settings.cfg_scale, settings.batch_size
         labels = [perturbation] if isinstance(perturbation, str) else list(perturbation)
         if not labels:
             raise ValueError("perturbation: give at least one label")
         controls = self._controls_of(adata_control)
+        if controls.n_obs == 0:
+            raise ValueError("adata_control has 0 cells: give at least one control cell to start from")
+        self._check_size(controls.n_obs * len(labels), out)
         rows = self.input_rows(controls, layer, size_factor_key, input_space)
         x = torch.from_numpy(rows.all_rows())
         library = rows.library_sizes(np.arange(controls.n_obs))
@@ -266,6 +274,21 @@ class CellSampler:
             offset[m] = x[m].mean(0)
         return offset
 
+    def _settings(self, **given: Any) -> SamplerConfig:
+        """The model's sampler settings with a call's values (checked like the config's)."""
+        return replace(self.config.sampler, **{k: v for k, v in given.items() if v is not None})
+
+    def _check_size(self, n_cells: int, out: Any) -> None:
+        """Refuse an output that cannot fit: in memory (``out=None``) or on ``out``'s disk."""
+        need = n_cells * len(self.genes) * 4  # float32 X; layers add to it
+        if out is None:
+            have, where, hint = physical_memory(), "in memory", "; write them to a file with out= (--out)"
+        else:
+            have, where, hint = shutil.disk_usage(Path(out).resolve().parent).free, f"on the disk of {str(out)!r}", ""
+        if have and need > 0.8 * have:
+            raise ValueError(f"{n_cells:,} cells x {len(self.genes):,} genes need at least {need / 2**30:.1f} GiB "
+                             f"{where}, which has {have / 2**30:.1f} GiB{hint}; ask for fewer cells")
+
     def _controls_of(self, adata: AnnData) -> AnnData:
         key = self.spec.perturbation_key
         if key not in adata.obs.columns:
@@ -303,8 +326,9 @@ class CellSampler:
         """
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n={n!r}: the number of cells must be an integer >= 1")
-        cfg_scale = self.config.sampler.cfg_scale if cfg_scale is None else cfg_scale
-        batch_size = self.config.sampler.batch_size
+        settings = self._settings(steps=steps, method=method, cfg_scale=cfg_scale)
+        cfg_scale, batch_size = settings.cfg_scale, settings.batch_size
+        self._check_size(int(n), out)
         cond = {self.spec.perturbation_key: condition} if isinstance(condition, str) else dict(condition)
         if self.spec.perturbation_key not in cond:
             raise KeyError(f"condition needs the perturbation key {self.spec.perturbation_key!r}")

@@ -80,6 +80,8 @@ def _run_config_command(prefix: tuple[str, ...], argv: list[str]) -> int:
         cfg = parser.parse_args(argv)
     except ArgumentError as err:
         return _error(command, err)
+    except SystemExit as stop:  # --help, --print-config (code 0) and usage errors already printed
+        return int(stop.code or 0)
     try:
         return int(module.run(cfg, parser) or 0)
     except _user_errors() as err:
@@ -87,13 +89,17 @@ def _run_config_command(prefix: tuple[str, ...], argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``celldit`` console script."""
+    """Entry point of the ``celldit`` console script: returns the exit code (0 ok, 2 a usage
+    or input error printed as one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for prefix in CONFIG_COMMANDS:
         if tuple(argv[: len(prefix)]) == prefix:
             return _run_config_command(prefix, argv[len(prefix):])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # usage errors (printed, code 2) and --help (code 0) return their code
+        return int(stop.code or 0)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as err:

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .parsing import at_least, device, positive, seed
+
 
 def _print_json(result: dict[str, Any]) -> int:
     json.dump(result, sys.stdout, indent=2)
@@ -36,23 +38,23 @@ def _add_image(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preset", default="DiT-XL/2", choices=list(DIT_PRESETS), metavar="PRESET",
                    help="DiT-{S,B,L,XL}/{2,4,8} (default DiT-XL/2)")
-    p.add_argument("--image-size", type=int, default=256, help="image side in px; latents are image_size/8 (default 256)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per phase (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per phase, at least 1 runs (default 3)")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--image-size", type=at_least(8), default=256, help="image side in px; latents are image_size/8 (default 256)")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="images per step (default 32)")
+    p.add_argument("--steps", type=at_least(1), default=20, help="timed steps per phase (default 20)")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed warm-up steps per phase, at least 1 runs (default 3)")
+    p.add_argument("--device", default=None, type=device, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for fp32 matmuls on CUDA")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=positive, default=None,
                    help="device peak TFLOP/s for this precision (overrides the built-in table) for MFU")
     p.add_argument("--reference", action="store_true",
                    help="also time an fp32, uncompiled training step and report the speed-up")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads for the run (default: torch's)")
+    p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=_run_image)
 
 

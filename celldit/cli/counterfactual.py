@@ -58,14 +58,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """Solver, guidance, seed and output options shared by ``counterfactual`` and ``generate``."""
-    from .parsing import at_least, finite
+    from .parsing import at_least, finite, seed
 
     p.add_argument("--steps", type=at_least(1), default=None,
                    help="solver steps (default: the model's sampler settings; 20 control source, 50 noise)")
     p.add_argument("--method", choices=SOLVER_CHOICES, default=None, help="ODE solver")
     p.add_argument("--cfg-scale", type=finite, default=None,
                    help="classifier-free guidance scale (default: the model's, 1 = none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--chunk-size", type=at_least(1), default=None,
                    help="cells integrated and written at once (default: the model's sampler batch size)")
     p.add_argument("--counts", action="store_true",

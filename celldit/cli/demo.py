@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .parsing import at_least
+
 __all__ = ["add_parser", "run"]
 
 
@@ -26,10 +28,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "train a CellDiT on rep_1 + rep_2, carry rep_3's control cells to each perturbation "
                     "and score them beside the baselines.")
     p.add_argument("--out", required=True, type=Path, help="output folder (new, or empty)")
-    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo settings)")
+    p.add_argument("--max-steps", type=at_least(1), default=None, help="training steps (default: the demo settings)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (small model, 20 steps, 150 control cells) that exercises every stage")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=at_least(0), default=1,
                    help="torch and BLAS CPU threads (default 1; 0 leaves the libraries' defaults)")
     p.add_argument("--no-progress-bar", action="store_true", help="hide the training progress bar")
     p.set_defaults(func=run)

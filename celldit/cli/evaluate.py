@@ -23,7 +23,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``celldit`` subcommand parsers."""
-    from .parsing import at_least
+    from .parsing import at_least, seed
 
     p = subparsers.add_parser(
         "evaluate",
@@ -53,7 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-cells", type=at_least(2), default=300, help="cells a side (default 300)")
     p.add_argument("--min-cells", type=at_least(1), default=1,
                    help="score only conditions with at least this many real cells (DESIGN protocols: 40)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--rank-test", action="store_true",
                    help="also report metrics on rank-test (Wilcoxon) DE genes")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jsonargparse.typing import PositiveInt
+
 __all__ = ["build_parser", "run"]
 
 PROG = "celldit fit"
@@ -47,7 +49,7 @@ def build_parser():
                      help="remove cells with obs[KEY] == VALUE from training (several rules add up; "
                           "K1=V1&K2=V2 removes the cells matching both)")
     run.add_argument("--backed", type=bool, default=False, help="open DATA on disk (anndata backed='r')")
-    run.add_argument("--threads", type=int | None, default=None, help="torch and BLAS CPU threads (null: unchanged)")
+    run.add_argument("--threads", type=PositiveInt | None, default=None, help="torch and BLAS CPU threads (null: unchanged)")
     run.add_argument("--run-dir", type=str | None, default=None,
                      help="folder of Lightning logs and resumable checkpoints (default: OUT.run)")
     run.add_argument("--resume", type=str | None, default=None,

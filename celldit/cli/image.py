@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..flow.sampling import SOLVERS
 from .image_train import MODEL_KIND
+from .parsing import at_least, device, finite, seed
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,14 +29,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("sample", help="sample class-conditional latents (and images) from an exported model")
     s.add_argument("model", help="folder written by `celldit image train` (OUT/model)")
-    s.add_argument("--n", type=int, default=16, help="number of samples")
+    s.add_argument("--n", type=at_least(1), default=16, help="number of samples")
     s.add_argument("--class-labels", type=int, nargs="*", default=None, help="classes to cycle through (default: all)")
-    s.add_argument("--cfg-scale", type=float, default=1.0)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--method", default="heun", help="euler, midpoint, heun, rk4 or adaptive")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cfg-scale", type=finite, default=1.0)
+    s.add_argument("--steps", type=at_least(1), default=50)
+    s.add_argument("--method", default="heun", choices=list(SOLVERS), help="ODE solver (default heun)")
+    s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder to decode latents to images")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device,
+                   help="cpu, cuda or cuda:N")
     s.add_argument("--out", required=True, help="output .npz (latents, labels[, images])")
     s.set_defaults(func=run_sample)
 

@@ -23,6 +23,8 @@ import inspect
 import shutil
 from pathlib import Path
 
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+
 __all__ = ["MODEL_KIND", "build_parser", "run"]
 
 MODEL_KIND = "celldit.ImageDiT"
@@ -45,8 +47,8 @@ def build_parser():
     run.add_argument("--labels", type=str | None, default=None, help="labels .npy when --latents is a .npy")
     run.add_argument("--out", type=str | None, default=None, help="output folder (must not exist unless --resume)")
     run.add_argument("--resume", type=str | None, default=None, help="a .ckpt to resume from (OUT/checkpoints/last.ckpt)")
-    run.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (null: unchanged)")
-    run.add_argument("--num-workers", dest="num_workers", type=int, default=0, help="DataLoader workers")
+    run.add_argument("--threads", type=PositiveInt | None, default=None, help="torch CPU threads (null: unchanged)")
+    run.add_argument("--num-workers", dest="num_workers", type=NonNegativeInt, default=0, help="DataLoader workers")
     run.add_argument("--preset", type=str | None, default=None,
                      help=f"a DiT preset ({', '.join(DIT_PRESETS)}): sets depth, hidden_size, num_heads, patch_size")
     defaults = {name: None for name in inspect.signature(ImageDiT.__init__).parameters if name != "self"}

@@ -19,7 +19,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``simulate`` on the ``celldit`` subcommand parsers."""
-    from .parsing import at_least, finite
+    from .parsing import at_least, finite, seed
 
     p = subparsers.add_parser(
         "simulate", help="write a synthetic Perturb-seq screen with known effects (.h5ad)",
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--control-fraction", type=finite, default=0.25, help="fraction of control cells (default 0.25)")
     p.add_argument("--library-size", type=finite, default=4000.0, help="median counts per cell (default 4000)")
     p.add_argument("--chunk-size", type=at_least(1), default=20_000, help="cells written at once (default 20000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", type=Path, required=True, help="output .h5ad (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)

@@ -107,10 +107,17 @@ class LatentDataset(Dataset):
             raise ValueError(f"labels must be (N,), got shape {tuple(y.shape)}")
         if len(x) != len(y):
             raise ValueError(f"length mismatch: {len(x)} latents but {len(y)} labels")
+        if len(x) == 0:
+            raise ValueError("the latents hold 0 samples")
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"latents hold {bad} non-finite values (NaN or inf); re-encode or drop those samples")
         if y.is_floating_point():
             if not torch.equal(y, y.round()):
                 raise ValueError("labels must be integer class ids")
         y = y.long()
+        if len(y) and int(y.min()) < 0:
+            raise ValueError(f"labels must be class ids 0, 1, ...; the smallest is {int(y.min())}")
         if expected_shape is not None and tuple(x.shape[1:]) != tuple(expected_shape):
             raise ValueError(
                 f"latent shape {tuple(x.shape[1:])} (C, H, W) does not match the model, which expects "

@@ -46,16 +46,36 @@ def counts_source(adata: AnnData, layer: str | None = None) -> tuple[Any, Sequen
     if layer is None:
         layer = "counts" if "counts" in adata.layers else "X"
     if layer == "X":
-        return adata.X, list(map(str, adata.var_names)), "X"
-    if layer == "raw":
+        matrix, names, where = adata.X, adata.var_names, "X"
+    elif layer == "raw":
         if adata.raw is None:
             raise ValueError("layer='raw' (--layer raw): this AnnData has no .raw; choose X or a layer "
                              f"({', '.join(adata.layers.keys()) or 'none present'})")
-        return adata.raw.X, list(map(str, adata.raw.var_names)), "raw.X"
-    if layer not in adata.layers:
+        matrix, names, where = adata.raw.X, adata.raw.var_names, "raw.X"
+    elif layer not in adata.layers:
         raise ValueError(f"layer={layer!r} (--layer): not in adata.layers (present: "
                          f"{', '.join(adata.layers.keys()) or 'none'}); use X, raw or one of those")
-    return adata.layers[layer], list(map(str, adata.var_names)), f"layers[{layer!r}]"
+    else:
+        matrix, names, where = adata.layers[layer], adata.var_names, f"layers[{layer!r}]"
+    return matrix, check_var_names(names, "adata.raw.var_names" if layer == "raw" else "adata.var_names"), where
+
+
+def check_var_names(var_names: Sequence[str], what: str = "adata.var_names") -> list[str]:
+    """Gene names as strings; ``ValueError`` when there are none or some repeat.
+
+    Genes are matched by name (between training data, inputs and checkpoints), so a repeated
+    name would be ambiguous: scanpy's ``var_names_make_unique()`` appends ``-1``, ``-2``, ...
+    """
+    names = [str(g) for g in var_names]
+    if not names:
+        raise ValueError(f"{what} is empty: the data have 0 genes")
+    counts = pd.Series(names).value_counts()
+    repeated = counts[counts > 1]
+    if len(repeated):
+        shown = ", ".join(f"{g!r} x{n}" for g, n in repeated.head(8).items()) + (" ..." if len(repeated) > 8 else "")
+        raise ValueError(f"{what} has {len(repeated)} repeated gene name(s): {shown}; make them unique first "
+                         "(adata.var_names_make_unique())")
+    return names
 
 
 def size_factors(adata: AnnData, key: str) -> np.ndarray:
@@ -330,6 +350,6 @@ def select_genes(adata: AnnData, genes: str | Sequence[str] = "all", n_top_genes
         with keep_torch_threads():
             hvg = sc.pp.highly_variable_genes(norm, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
         return [g for g, keep in zip(source_genes, hvg["highly_variable"].to_numpy()) if keep]
-    genes = [str(g) for g in genes]
+    genes = check_var_names(genes, "genes")
     gene_positions(source_genes, genes)
     return genes

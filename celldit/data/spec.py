@@ -137,6 +137,45 @@ class PerturbationSpec:
                 f"available columns: {cols}"
             )
 
+    @classmethod
+    def require_labels(cls, adata: AnnData, key: str, what: str, needs: str = "a label") -> None:
+        """Refuse a missing obs column or missing (NaN/None) entries in it.
+
+        A NaN would otherwise become a category ``'nan'`` of its own once the column is read
+        as strings, silently pooling unrelated cells.
+        """
+        cls._require_key(adata, key, what)
+        n_missing = int(adata.obs[key].isna().sum())
+        if n_missing:
+            raise ValueError(
+                f"obs[{key!r}] (PerturbationSpec.{what}) has {n_missing} missing (NaN) entries; "
+                f"give every cell {needs}, or drop those cells"
+            )
+
+    def _check_doses(self, adata: AnnData) -> None:
+        """Perturbed cells need a dose: a number or one per perturbation (``"1+10"``)."""
+        perturbed = ~self.control_mask(adata)
+        doses = adata.obs[self.dose_key][perturbed]
+        n_missing = int(doses.isna().sum())
+        if n_missing:
+            raise ValueError(
+                f"obs[{self.dose_key!r}] (PerturbationSpec.dose_key) has {n_missing} missing (NaN) doses "
+                "on perturbed cells; give every perturbed cell a dose (control cells may have none)"
+            )
+        for value in pd.unique(doses.astype(str)):
+            try:
+                parts = [float(v) for v in value.split(self.delimiter)]
+            except ValueError:
+                raise ValueError(
+                    f"obs[{self.dose_key!r}] (PerturbationSpec.dose_key) holds {value!r}, not a number "
+                    f"(or one number per perturbation joined by {self.delimiter!r})"
+                ) from None
+            if not all(np.isfinite(d) and d >= 0 for d in parts):
+                raise ValueError(
+                    f"obs[{self.dose_key!r}] (PerturbationSpec.dose_key) holds dose {value!r}; "
+                    "doses must be finite non-negative numbers"
+                )
+
     def validate(self, adata: AnnData, *, require_control: bool = True) -> None:
         """Check that ``adata`` carries what this spec names.
 
@@ -144,21 +183,17 @@ class PerturbationSpec:
         ------
         ValueError
             Naming the thing to fix: a missing obs key (perturbation, dose or covariate),
-            missing labels (NaN) in the perturbation column, a control label that does not
+            missing entries (NaN) in the perturbation or a covariate column, a missing or
+            impossible dose on a perturbed cell, a control label that does not
             occur, or no control cells at all.
         """
-        self._require_key(adata, self.perturbation_key, "perturbation_key")
+        self.require_labels(adata, self.perturbation_key, "perturbation_key", "a perturbation or control label")
         column = adata.obs[self.perturbation_key]
-        n_missing = int(column.isna().sum())
-        if n_missing:
-            raise ValueError(
-                f"obs[{self.perturbation_key!r}] has {n_missing} missing (NaN) labels; "
-                "give every cell a perturbation or control label"
-            )
         if self.dose_key is not None:
             self._require_key(adata, self.dose_key, "dose_key")
+            self._check_doses(adata)
         for key in self.covariate_keys:
-            self._require_key(adata, key, "covariate_keys")
+            self.require_labels(adata, key, "covariate_keys", "a level")
         present = set(column.astype(str).unique())
         if require_control:
             absent = [c for c in self.control_labels if c not in present]

@@ -47,6 +47,8 @@ FIXED_STEP_SOLVERS: dict[str, tuple[Callable[..., torch.Tensor], int]] = {
     "rk4": (_rk4, 4),
 }
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
+# every name `integrate(method=)` accepts ("adaptive": dopri5)
+SOLVERS = (*FIXED_STEP_SOLVERS, "adaptive", *ADAPTIVE_SOLVERS)
 
 
 def integrate(

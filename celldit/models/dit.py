@@ -167,6 +167,30 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
+    def _check_conditioning(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None) -> torch.Tensor:
+        """``t`` as a (B,) tensor (a scalar is broadcast); clear errors for labels that the
+        embedding would reject with an index error (or a device-side assert on a GPU)."""
+        batch = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t has shape {tuple(t.shape)}; expected ({batch},), one time per sample of x")
+        if self.y_embedder is None:
+            return t
+        if y is None:
+            raise ValueError("this model is class-conditional: pass labels `y`")
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+            raise TypeError(f"y must hold integer class labels (torch.long), got {y.dtype}")
+        if y.shape != (batch,):
+            raise ValueError(f"y has shape {tuple(y.shape)}; expected ({batch},), one label per sample of x")
+        if not torch.compiler.is_compiling() and batch:
+            low, high = int(y.min()), int(y.max())
+            n = self.y_embedder.num_classes
+            if low < 0 or high > n:
+                raise ValueError(f"class labels must lie in 0..{n - 1} (or {n}, the null class); got {low}..{high}")
+        return t
+
     def forward(
         self,
         x: torch.Tensor,
@@ -183,7 +207,7 @@ class DiT(nn.Module):
         x
             Input batch in the tokenizer's layout.
         t
-            (B,) raw timestep scalars (see class notes).
+            (B,) raw timestep scalars (see class notes); a scalar is used for every sample.
         y
             (B,) class labels, needed when the model has a label embedder.
         context, context_mask
@@ -192,13 +216,12 @@ class DiT(nn.Module):
             (B, D) extra vector added to the conditioning (e.g. pooled condition tokens).
         """
         self.x_embedder.check_input(x)
+        t = self._check_conditioning(x, t, y)
         h = self.x_embedder.encode(x)  # (B, N, D)
         if self.pos_embed is not None:
             h = h + self.pos_embed
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
-            if y is None:
-                raise ValueError("this model is class-conditional: pass labels `y`")
             c = c + self.y_embedder(y, self.training)
         if cond is not None:
             c = c + cond

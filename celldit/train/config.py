@@ -118,7 +118,7 @@ class FitConfig:
     lr_schedule: str = option("constant", choices=("constant", "cosine"))
     min_lr_ratio: float = option(0.0, ge=0, le=1)
     ema_decay: float | None = option(0.9999, ge=0, lt=1)
-    seed: int | None = 0
+    seed: int | None = option(0, ge=0, le=2**32 - 1)
     trainer: TrainerConfig = option(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:

@@ -6,7 +6,9 @@ string; celldit has no launcher of its own.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,24 @@ def _loggers(config: TrainerConfig, run_dir: str | Path | None) -> list[Any]:
     return [CSVLogger(str(run_dir), name="logs")]
 
 
+# Lightning's start-up lines (devices found, an advert for a cloud logger) and warnings that do
+# not apply to step-based training on a sharded stream (each worker's __len__ is its own share;
+# runs shorter than the logging interval; a deprecation inside Lightning itself)
+_NOT_FOR_USERS = (
+    r".*`IterableDataset` has `__len__` defined.*",
+    r".*smaller than the logging interval.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+def quiet_lightning() -> None:
+    """Keep the terminal for celldit's own lines (loss, summary) and real warnings."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in _NOT_FOR_USERS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def show_progress_bar(config: TrainerConfig) -> bool:
     """Whether Lightning's progress bar is on (``progress_bar=None``: when stderr is a terminal)."""
     return sys.stderr.isatty() if config.progress_bar is None else bool(config.progress_bar)
@@ -80,6 +100,7 @@ def build_trainer(
         Run the validation loop every this many training batches (None: no validation).
     """
     config = from_mapping(TrainerConfig, config, "trainer")
+    quiet_lightning()
     if seed is not None:
         L.seed_everything(seed, workers=True, verbose=False)
     precision = config.precision or default_precision(config.accelerator)

@@ -61,6 +61,47 @@ def test_resume_continues_the_same_run(screen, tmp_path, monkeypatch):
         CellDiT(screen, **TINY).fit(**fit_args(), resume=tmp_path / "nope.ckpt")
 
 
+def test_the_same_seed_gives_the_same_weights(screen, tmp_path):
+    def weights(seed):
+        args = {**fit_args(), "max_steps": 8, "seed": seed}
+        return CellDiT(screen, **TINY).fit(**args, run_dir=tmp_path / f"s{seed}_{len(list(tmp_path.iterdir()))}") \
+            .network.state_dict()
+
+    a, b, c = weights(1), weights(1), weights(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_from_the_command_line(tmp_path, capsys):
+    from celldit.cli import main
+
+    data = make_adata({"control": 60, "P": 40}, 8, effects={"P": {0: 1.0}})
+    data.write_h5ad(tmp_path / "d.h5ad")
+    common = ["fit", str(tmp_path / "d.h5ad"), "--perturbation-key", "perturbation", "--control", "control",
+              "--hidden-size", "16", "--depth", "1", "--num-heads", "2", "--batch-size", "32", "--threads", "1",
+              "--trainer.checkpoint_every_n_steps", "5", "--trainer.progress_bar", "false"]
+    assert main([*common, "--max-steps", "10", "--out", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--max-steps", "5", "--out", str(tmp_path / "first")]) == 0
+    last = tmp_path / "first.run" / "checkpoints" / "last.ckpt"
+    assert main([*common, "--max-steps", "10", "--resume", str(last), "--out", str(tmp_path / "resumed")]) == 0
+    whole, resumed = CellDiT.load(tmp_path / "whole"), CellDiT.load(tmp_path / "resumed")
+    assert resumed.history["steps"] == 10
+    for key, value in whole.network.state_dict().items():
+        torch.testing.assert_close(resumed.network.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    # the checkpoint is what the second run continues from: a changed one gives other weights
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    state["state_dict"] = {k: v + 0.05 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, tmp_path / "changed.ckpt")
+    assert main([*common, "--max-steps", "10", "--resume", str(tmp_path / "changed.ckpt"),
+                 "--out", str(tmp_path / "changed")]) == 0
+    changed = CellDiT.load(tmp_path / "changed").network.state_dict()
+    assert any(not torch.equal(changed[k], v) for k, v in whole.network.state_dict().items())
+    capsys.readouterr()
+    assert main([*common, "--max-steps", "10", "--resume", str(tmp_path / "none.ckpt"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "none.ckpt" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_loss_curve_logs_and_batch_job_lines(screen, tmp_path, capsys):
     model = CellDiT(screen, **TINY).fit(**{**fit_args(logger="csv", log_every_n_steps=10)}, run_dir=tmp_path / "run")
     err = capsys.readouterr().err

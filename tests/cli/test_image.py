@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -90,3 +91,29 @@ def test_train_rejects_latents_that_do_not_fit_the_config(trained, tmp_path, cap
                "--out", str(tmp_path / "run")])  # fmt: skip
     assert rc == 2 and "(1, 16, 16)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda x, y: (x, y - 1), r"labels must be class ids .* -1"),
+    (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x).astype("float32"), y), "NaN"),
+])
+def test_train_refuses_bad_latents_and_leaves_no_folder(trained, tmp_path, capsys, spoil, match):
+    data = np.load(trained / "digits.npz")
+    x, y = spoil(data["latents"][:100], data["labels"][:100])
+    np.savez(tmp_path / "bad.npz", latents=x, labels=y)
+    rc = main(["image", "train", "--latents", str(tmp_path / "bad.npz"), "--config", str(trained / "tiny.yaml"),
+               "--out", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(match, err) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_with_the_same_seed_gives_the_same_weights(trained, tmp_path):
+    def weights(out, seed):
+        assert main(["image", "train", "--latents", str(trained / "digits.npz"), "--config", str(trained / "tiny.yaml"),
+                     "--max-steps", "6", "--seed", str(seed), "--out", str(out)]) == 0  # fmt: skip
+        return load_model_folder(out / "model")[0]
+
+    a, b, c = weights(tmp_path / "a", 1), weights(tmp_path / "b", 1), weights(tmp_path / "c", 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

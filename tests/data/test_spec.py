@@ -50,8 +50,19 @@ def test_validate_names_what_to_fix():
     with pytest.raises(ValueError, match="dose_key"):
         PerturbationSpec("condition", control="ctrl", dose_key="dose").validate(adata)
     missing = _adata(["ctrl", None, "A+B"])
-    with pytest.raises(ValueError, match="1 missing \\(NaN\\) labels"):
+    with pytest.raises(ValueError, match="obs\\['condition'\\].* 1 missing \\(NaN\\) entries"):
         PerturbationSpec("condition", control="ctrl").validate(missing)
+    # a NaN covariate is refused the same way (it would become a level 'nan' of its own)
+    nan_type = _adata(["ctrl", "A+ctrl", "A+B"], cell_type=["x", None, "y"])
+    with pytest.raises(ValueError, match="obs\\['cell_type'\\].*covariate_keys.* 1 missing"):
+        PerturbationSpec("condition", control="ctrl", covariate_keys=["cell_type"]).validate(nan_type)
+    # doses: perturbed cells need one (controls may have none), a number or one per perturbation
+    doses = _adata(["ctrl", "A+ctrl", "A+B"], dose=[None, 1.0, "1+10"])
+    PerturbationSpec("condition", control="ctrl", dose_key="dose").validate(doses)
+    for bad, match in ((None, "1 missing"), ("x", "'x', not a number"), (-2.0, "finite non-negative")):
+        spoilt = _adata(["ctrl", "A+ctrl", "A+B"], dose=[None, bad, "1+10"])
+        with pytest.raises(ValueError, match=match):
+            PerturbationSpec("condition", control="ctrl", dose_key="dose").validate(spoilt)
 
 
 def test_control_mask_and_labels():

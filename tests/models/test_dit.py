@@ -106,3 +106,32 @@ def test_tokenizer_registry_builds_by_name_and_rejects_unknown():
         assert "pixels" in str(err) and "patch" in str(err)
     else:  # pragma: no cover
         raise AssertionError("unknown tokenizer accepted")
+
+
+def test_image_dit_checks_time_and_labels_before_the_embedding():
+    import pytest
+
+    from celldit.models import ImageDiT
+
+    torch.manual_seed(0)
+    model = ImageDiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2,
+                     num_classes=3, learn_sigma=False).eval()
+    x = torch.randn(2, 1, 4, 4)
+    y = torch.tensor([0, 2])
+    for layer in model.modules():  # move off adaLN-Zero so that t and y change the output
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=0.2)
+    # a scalar t is used for every sample: the same as a (B,) tensor of it
+    torch.testing.assert_close(model(x, torch.tensor(5.0), y), model(x, torch.tensor([5.0, 5.0]), y))
+    assert not torch.allclose(model(x, torch.tensor([5.0, 900.0]), y), model(x, torch.tensor(5.0), y))
+    model(x, torch.tensor([1.0, 2.0]), torch.tensor([3, 3]))  # the null class is allowed
+    with pytest.raises(ValueError, match=r"class labels must lie in 0..2 .*got 0..7"):
+        model(x, torch.tensor([1.0, 2.0]), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"got -1..0"):
+        model(x, torch.tensor([1.0, 2.0]), torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match=r"t has shape \(3,\); expected \(2,\)"):
+        model(x, torch.tensor([1.0, 2.0, 3.0]), y)
+    with pytest.raises(ValueError, match=r"y has shape \(3,\)"):
+        model(x, torch.tensor([1.0, 2.0]), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="integer class labels"):
+        model(x, torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]))
