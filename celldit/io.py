@@ -137,6 +137,8 @@ def tensor_shapes(file: str | Path) -> dict[str, tuple[int, ...]]:
 def load_model_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read ``(state_dict, config)`` from a folder written by :func:`save_model_folder`."""
     path = Path(path)
+    if path.is_file():
+        raise NotADirectoryError(f"{str(path)!r} is a file, not a model folder")
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
     for name in (WEIGHTS_NAME, CONFIG_NAME):

@@ -15,6 +15,7 @@ Input cells are brought to the model's space on the model's normalisation basis 
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -220,6 +221,12 @@ class CellSampler:
         x = x - offset
         cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
         cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
+        for key in self.spec.covariate_keys:
+            new = sorted(set(cov[key].astype(str)) - set(self.vocab.covariates.get(key, [])))
+            if new:
+                warnings.warn(f"obs[{key!r}] value(s) {new[:5]} were not seen in training: those cells get the "
+                              "unknown covariate token and anchors from their own controls (a held-out group)",
+                              stacklevel=3)
         source_var = controls.raw.var if layer == "raw" else controls.var
         writer = self._writer(source_var.loc[self.genes].copy(), counts, raw_layer, out, overwrite, seed, support)
         torch.manual_seed(seed)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse  # noqa: F401 - the parsers are argparse's
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 # name of the module under ``celldit.cli`` for each subcommand, in ``--help`` order
 SUBCOMMANDS: dict[str, str] = {
@@ -106,5 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         return _error(args.command, err)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    parts = Path(str(filename)).parts
+    origin = parts[parts.index("site-packages") + 1] if "site-packages" in parts else "celldit"
+    print(f"{origin}: {category.__name__}: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
+def console_main() -> int:
+    """The ``celldit`` console script: :func:`main` with warnings shown as one line each
+    (where they come from, the kind and the message; no source line)."""
+    warnings.showwarning = _one_line_warning
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console_main())

@@ -83,6 +83,8 @@ def load_model(path: Path):
     """The CellDiT saved in ``path``; the error names the folder when it does not exist."""
     from ..cells import CellDiT
 
+    if path.is_file():
+        raise NotADirectoryError(f"MODEL {str(path)!r} is a file: give the model folder written by celldit fit")
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
     return CellDiT.load(path)
@@ -103,6 +105,8 @@ def read_h5ad(path: Path, flag: str):
 def check_out(path: Path, overwrite: bool = False) -> Path:
     """Refuse an existing output file unless ``overwrite``; make its folder."""
     path = Path(path)
+    if path.suffix != ".h5ad":
+        raise ValueError(f"--out {str(path)!r}: the cells are written as AnnData; give a file name ending in .h5ad")
     if path.exists() and not overwrite:
         raise FileExistsError(f"--out {str(path)!r} already exists: choose another file (or --overwrite)")
     if path.is_dir():

@@ -176,3 +176,12 @@ def test_devices_that_do_not_exist_are_refused(capsys):
     _one_line_error(code, err, "bench image", "--device", "'tpu'")
     code, err = _run(["image", "sample", "nowhere", "--device", "cuda:7", "--out", "x.npz"], capsys)
     _one_line_error(code, err, "image sample", "--device")
+
+
+def test_counterfactual_paths_that_are_not_what_they_should_be(model, capsys):
+    args = ["--input", model / "ctrl.h5ad", "--perturbation", "KO1"]
+    code, err = _run(["counterfactual", model / "ctrl.h5ad", *args, "--out", model / "x.h5ad"], capsys)
+    _one_line_error(code, err, "counterfactual", "MODEL", "is a file")
+    code, err = _run(["counterfactual", model / "model", *args, "--out", model / "x.csv"], capsys)
+    _one_line_error(code, err, "counterfactual", r"\.h5ad")
+    assert not (model / "x.h5ad").exists() and not (model / "x.csv").exists()
