@@ -1,4 +1,4 @@
-"""Predicted cells as AnnData, in memory or streamed to an ``.h5ad`` file chunk by chunk.
+"""Predicted cells as AnnData, in memory or streamed to an ``.h5ad`` file or ``.zarr`` store chunk by chunk.
 
 Every block of predicted cells goes through the same steps:
 
@@ -19,12 +19,14 @@ Every block of predicted cells goes through the same steps:
 :class:`OutputWriter` collects blocks in memory (``path=None``) or appends them to an
 on-disk CSR matrix through anndata's sparse-dataset API, so that a million predicted cells
 need the memory of one block (``X`` and ``obsm['X_pca']`` are resizable HDF5 datasets, the
-counts layer an appended CSR matrix); the file is renamed into place when complete.
+counts layer an appended CSR matrix; the same in a ``.zarr`` store); the file is renamed into
+place when complete.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,8 @@ class OutputWriter:
         ``"rescale"``, ``"clip"`` or ``"none"`` (see the module notes); a block is the cells of
         one condition integrated together.
     path
-        Stream to this ``.h5ad`` (must not exist unless ``overwrite``); None: in memory.
+        Stream to this ``.h5ad`` file or ``.zarr`` store (must not exist unless ``overwrite``);
+        None: in memory.
     seed
         Seed of the counts sampling.
     """
@@ -96,6 +99,7 @@ class OutputWriter:
                 raise FileExistsError(f"{self.path} already exists: choose another file (or overwrite)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.zarr = self.path is not None and self.path.suffix == ".zarr"
 
     # ------------------------------------------------------------------ blocks
     def add(self, x: np.ndarray, obs: pd.DataFrame, library: np.ndarray | None = None) -> None:
@@ -126,14 +130,11 @@ class OutputWriter:
             self._append(parts)
 
     def _append(self, parts: dict[str, Any]) -> None:
-        import h5py
         from anndata.io import sparse_dataset, write_elem
 
         if self._file is None:
-            self._file = h5py.File(self._tmp, "w")
-            g = parts["X"].shape[1]
-            d = self._file.create_dataset("X", data=parts["X"], maxshape=(None, g), chunks=(min(1024, max(1, len(parts["X"]))), g))
-            d.attrs["encoding-type"], d.attrs["encoding-version"] = "array", "0.2.0"
+            self._file = _open_store(self._tmp, self.zarr)
+            _new_array(self._file, "X", parts["X"])
             layers = self._file.create_group("layers")
             layers.attrs["encoding-type"], layers.attrs["encoding-version"] = "dict", "0.1.0"
             for key in ("counts", "flow"):
@@ -142,21 +143,15 @@ class OutputWriter:
             obsm = self._file.create_group("obsm")
             obsm.attrs["encoding-type"], obsm.attrs["encoding-version"] = "dict", "0.1.0"
             if "pca" in parts:
-                k = parts["pca"].shape[1]
-                d = obsm.create_dataset("X_pca", data=parts["pca"], maxshape=(None, k), chunks=True)
-                d.attrs["encoding-type"], d.attrs["encoding-version"] = "array", "0.2.0"
+                _new_array(obsm, "X_pca", parts["pca"])
             return
-        d = self._file["X"]
-        d.resize(d.shape[0] + len(parts["X"]), axis=0)
-        d[-len(parts["X"]):] = parts["X"]
+        _extend(self._file["X"], parts["X"])
         for key in ("counts", "flow"):
             if key in parts:
                 value = parts[key] if sp.issparse(parts[key]) else sp.csr_matrix(parts[key])
                 sparse_dataset(self._file["layers"][key]).append(value)
         if "pca" in parts:
-            d = self._file["obsm"]["X_pca"]
-            d.resize(d.shape[0] + len(parts["pca"]), axis=0)
-            d[-len(parts["pca"]):] = parts["pca"]
+            _extend(self._file["obsm"]["X_pca"], parts["pca"])
 
     # ------------------------------------------------------------------ finish
     def _obs(self) -> pd.DataFrame:
@@ -184,12 +179,14 @@ class OutputWriter:
         return self._close(obs)
 
     def _close(self, obs: pd.DataFrame) -> AnnData:
-        import anndata as ad
         from anndata.io import write_elem
+
+        from ..data.files import read_cells
 
         try:
             if self._file is None:  # no cell at all
-                self.path is not None and AnnData(obs=obs, var=self.var).write_h5ad(self._tmp)
+                empty = AnnData(obs=obs, var=self.var)
+                empty.write_zarr(self._tmp) if self.zarr else empty.write_h5ad(self._tmp)
             else:
                 f = self._file
                 write_elem(f, "obs", obs)
@@ -198,20 +195,73 @@ class OutputWriter:
                 for key in ("varm", "obsp", "varp"):
                     write_elem(f, key, {})
                 f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
-                f.close()
+                _close_store(f)
                 self._file = None
-            os.replace(self._tmp, self.path)
+            _replace(self._tmp, self.path)
         finally:
             if self._file is not None:
-                self._file.close()
-            if self._tmp.exists():
-                self._tmp.unlink()
-        return ad.read_h5ad(self.path, backed="r")
+                _close_store(self._file)
+            _remove(self._tmp)
+        return read_cells(self.path, "out", backed=True)
 
     def abort(self) -> None:
         """Drop a half-written file (an error while predicting)."""
         if self._file is not None:
-            self._file.close()
+            _close_store(self._file)
             self._file = None
-        if self.path is not None and self._tmp.exists():
-            self._tmp.unlink()
+        if self.path is not None:
+            _remove(self._tmp)
+
+
+# ---------------------------------------------------------------------- h5py files and zarr stores alike
+def _open_store(path: Path, zarr_store: bool) -> Any:
+    """A new HDF5 file, or a zarr store (in the zarr format anndata writes)."""
+    if zarr_store:
+        import anndata as ad
+        import zarr
+
+        return zarr.open_group(str(path), mode="w", zarr_format=ad.settings.zarr_write_format)
+    import h5py
+
+    return h5py.File(path, "w")
+
+
+def _new_array(group: Any, name: str, data: np.ndarray) -> None:
+    """A dense (n, k) array that grows along rows, encoded as anndata expects."""
+    chunks = (min(1024, max(1, len(data))), data.shape[1])
+    if hasattr(group, "create_dataset") and type(group).__module__.startswith("h5py"):
+        d = group.create_dataset(name, data=data, maxshape=(None, data.shape[1]), chunks=chunks)
+    else:
+        d = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+        d[:] = data
+    d.attrs["encoding-type"], d.attrs["encoding-version"] = "array", "0.2.0"
+
+
+def _extend(array: Any, data: np.ndarray) -> None:
+    n = array.shape[0]
+    array.resize((n + len(data), array.shape[1]))
+    array[n:] = data
+
+
+def _close_store(store: Any) -> None:
+    if hasattr(store, "close"):
+        store.close()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` onto ``path``; an existing store (overwrite) is moved aside first
+    and deleted only once the new one is in place."""
+    if path.is_dir():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)

@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "(one output cell per control cell and perturbation).")
     p.add_argument("model", type=Path, help="model folder written by `celldit fit`")
     p.add_argument("--input", required=True, type=Path,
-                   help="cells (.h5ad) with the model's genes; when it has the perturbation key only its "
+                   help="cells (.h5ad or .zarr) with the model's genes; when it has the perturbation key only its "
                         "control cells are used")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--perturbation", nargs="+", metavar="P", help="perturbation label(s), e.g. STAT1 or A+B")
@@ -75,7 +75,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--support", choices=("rescale", "clip", "none"), default="rescale",
                    help="how X is brought to log1p's support (>= 0): rescale (default: negatives to 0, each gene's "
                         "positive values scaled to keep its mean over a condition's cells), clip, or none")
-    p.add_argument("--out", required=True, type=Path, help="output .h5ad, written block by block (must not exist)")
+    p.add_argument("--out", required=True, type=Path, help="output .h5ad file (or .zarr store), written block by block (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
@@ -90,26 +90,22 @@ def load_model(path: Path):
     return CellDiT.load(path)
 
 
-def read_h5ad(path: Path, flag: str):
-    """Read an .h5ad file; errors name the flag and the path."""
-    import anndata as ad
+def read_h5ad(path: Path, flag: str, backed: bool = False):
+    """Read an .h5ad file or .zarr store; errors name the flag and the path."""
+    from ..data.files import read_cells
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{flag} {str(path)!r} does not exist")
-    try:
-        return ad.read_h5ad(path)
-    except Exception as err:  # noqa: BLE001 - any reader failure is a bad input file
-        raise ValueError(f"{flag} {str(path)!r} is not a readable .h5ad file: {err}") from None
+    return read_cells(path, flag, backed=backed)
 
 
 def check_out(path: Path, overwrite: bool = False) -> Path:
     """Refuse an existing output file unless ``overwrite``; make its folder."""
     path = Path(path)
-    if path.suffix != ".h5ad":
-        raise ValueError(f"--out {str(path)!r}: the cells are written as AnnData; give a file name ending in .h5ad")
+    if path.suffix not in (".h5ad", ".zarr"):
+        raise ValueError(f"--out {str(path)!r}: the cells are written as AnnData; give a name ending in .h5ad "
+                         "(or .zarr for a zarr store)")
     if path.exists() and not overwrite:
         raise FileExistsError(f"--out {str(path)!r} already exists: choose another file (or --overwrite)")
-    if path.is_dir():
+    if path.is_dir() and path.suffix != ".zarr":
         raise IsADirectoryError(f"--out {str(path)!r} is a folder: give an .h5ad file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path

@@ -69,14 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _read(path: Path, flag: str):
-    import anndata as ad
+    """Cells left on disk (backed .h5ad or .zarr): evaluation reads at most ``max_cells`` a side."""
+    from ..data.files import read_cells
 
-    if not path.exists():
-        raise FileNotFoundError(f"{flag} {str(path)!r} does not exist")
-    try:
-        return ad.read_h5ad(path)
-    except Exception as err:  # noqa: BLE001 - any reader failure is a bad input file
-        raise ValueError(f"{flag} {str(path)!r} is not a readable .h5ad file: {err}") from None
+    return read_cells(path, flag, backed=True)
 
 
 def _baselines(value: str, have_train: bool) -> list[str]:
@@ -136,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.split is not None:
         split = load_split(args.split)
         masks = split.masks(real)
-        train, real = real[masks.train].copy(), real[masks.test].copy()
+        train, real = real[masks.train], real[masks.test]  # views: rows read on demand
         split_dict = split.to_dict()
     result = evaluate(real, pred, spec, train=train, baselines=baselines, out_dir=args.out,
                       n_pcs=args.n_pcs, max_cells=args.max_cells, seed=args.seed,

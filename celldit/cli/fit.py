@@ -48,7 +48,7 @@ def build_parser():
     run.add_argument("--holdout", type=str | list[str] | dict[str, str | list[str]], default=[],
                      help="remove cells with obs[KEY] == VALUE from training (several rules add up; "
                           "K1=V1&K2=V2 removes the cells matching both)")
-    run.add_argument("--backed", type=bool, default=False, help="open DATA on disk (anndata backed='r')")
+    run.add_argument("--backed", type=bool, default=False, help="leave DATA's matrices on disk (.h5ad backed='r', or a .zarr store), read in chunks")
     run.add_argument("--threads", type=PositiveInt | None, default=None, help="torch and BLAS CPU threads (null: unchanged)")
     run.add_argument("--run-dir", type=str | None, default=None,
                      help="folder of Lightning logs and resumable checkpoints (default: OUT.run)")
@@ -76,15 +76,9 @@ def _genes(value: Any) -> str | list[str]:
 
 
 def _read(path: str | Path, backed: bool):
-    import anndata as ad
+    from ..data.files import read_cells
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DATA {str(path)!r} does not exist")
-    try:
-        return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
-    except Exception as err:  # noqa: BLE001 - any reader failure is a bad input file
-        raise ValueError(f"DATA {str(path)!r} is not a readable .h5ad file: {err}") from None
+    return read_cells(path, "DATA", backed=backed)
 
 
 def configs_of(cfg) -> tuple[Any, Any]:

@@ -133,12 +133,13 @@ class ExpressionRows:
     def __init__(self, adata: AnnData, genes: Sequence[str] | None = None, *, layer: str | None = None,
                  input_space: str = "auto", size_factor_key: str | None = None,
                  basis_genes: Sequence[str] | None = None, target_sum: float = TARGET_SUM, warn_log1p: bool = True):
-        self.backed = bool(adata.isbacked)
+        root = adata._adata_ref if adata.is_view else adata
         self._layer = layer
-        self._path = str(adata.filename) if self.backed else None
+        self._path = str(adata.filename) if adata.isbacked else None  # a backed .h5ad: reopened by workers
+        self.backed = self._path is not None or on_disk(counts_source(root, layer)[0])
         if self.backed:  # the file's own matrix, and where this AnnData's rows lie in it
             file_rows = _rows_in_file(adata)
-            adata = _open(self._path)
+            adata = _open(self._path) if self._path else root
         else:
             file_rows = None
         self._matrix, source_genes, self.where = counts_source(adata, layer)
@@ -183,7 +184,7 @@ class ExpressionRows:
     # ------------------------------------------------------------------ pickling (DataLoader workers)
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        if self.backed:
+        if self._path is not None:
             state["_matrix"] = None  # an open file does not pickle: reopened on first read
         return state
 
@@ -271,6 +272,17 @@ class ExpressionRows:
         if idx.size == 0:
             return np.zeros((0, self.n_vars), np.float32)
         return np.concatenate([self.rows(idx[s: s + chunk]) for s in range(0, len(idx), chunk)])
+
+
+def on_disk(matrix: Any) -> bool:
+    """Whether ``matrix`` is read from disk on indexing (a backed or zarr sparse dataset, an
+    HDF5 dataset or a zarr array) rather than held in memory."""
+    from anndata.abc import CSCDataset, CSRDataset
+
+    if isinstance(matrix, (CSRDataset, CSCDataset)):
+        return True
+    module = type(matrix).__module__
+    return module.startswith("h5py") or module.startswith("zarr")
 
 
 def _open(path: str) -> AnnData:

@@ -85,6 +85,32 @@ def test_streamed_output_equals_the_in_memory_one(model, screen, tmp_path):
     assert not (tmp_path / "half.h5ad").exists() and not list(tmp_path.glob(".half*"))
 
 
+def test_zarr_stores_in_and_out(model, screen, tmp_path):
+    from celldit.data.files import read_cells
+
+    kw = {"counts": True, "raw_layer": True, "seed": 5, "batch_size": 17}
+    mem = model.counterfactual(controls(screen), ["P", "Q"], **kw)
+    store = tmp_path / "cf.zarr"
+    model.counterfactual(controls(screen), ["P", "Q"], out=store, **kw)
+    back = ad.read_zarr(store)  # anndata reads what was streamed
+    np.testing.assert_array_equal(back.X, mem.X)
+    np.testing.assert_array_equal(back.layers["counts"].toarray(), mem.layers["counts"].toarray())
+    np.testing.assert_array_equal(back.layers["flow"].toarray(), mem.layers["flow"])
+    np.testing.assert_array_equal(back.obsm["X_pca"], mem.obsm["X_pca"])
+    assert back.obs.equals(mem.obs)
+    # a zarr store as input, its matrix left on disk: the same cells as the in-memory input
+    controls(screen).write_zarr(tmp_path / "ctrl.zarr")
+    lazy = read_cells(tmp_path / "ctrl.zarr", backed=True)
+    assert not isinstance(lazy.X, np.ndarray) and "Dataset" in type(lazy.X).__name__
+    again = model.counterfactual(lazy, ["P", "Q"], **kw)
+    np.testing.assert_array_equal(again.X, mem.X)
+    # overwrite replaces a store whole; without it the store is kept
+    with pytest.raises(FileExistsError):
+        model.counterfactual(controls(screen), "P", out=store)
+    model.counterfactual(controls(screen), "P", out=store, overwrite=True)
+    assert ad.read_zarr(store).n_obs == controls(screen).n_obs and not list(tmp_path.glob(".cf.zarr*"))
+
+
 def test_inputs_normalise_on_the_training_basis(model, screen):
     """The model's library sizes are totals over its 30 training genes (it models 20 of
     them). An input carrying only the 20 model genes cannot be normalised like that from

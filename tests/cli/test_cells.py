@@ -85,6 +85,18 @@ def test_fit_backed_prints_a_summary(files, capsys, tmp_path):
     assert CellDiT.load(tmp_path / "m").vocab.seen == ["KO2", "KO3"]
 
 
+def test_fit_on_a_zarr_store_on_disk_equals_the_h5ad_in_memory(files, capsys, tmp_path):
+    ad.read_h5ad(files["data"]).write_zarr(tmp_path / "screen.zarr")
+    args = ["--perturbation-key", "perturbation", "--control", "ctrl", "--holdout", "rep=r2", *TINY]
+    assert _run(["fit", tmp_path / "screen.zarr", "--backed", *args, "--out", tmp_path / "z"], capsys)[0] == 0
+    assert _run(["fit", files["data"], *args, "--out", tmp_path / "h"], capsys)[0] == 0
+    z, h = CellDiT.load(tmp_path / "z"), CellDiT.load(tmp_path / "h")
+    for key, value in h.network.state_dict().items():
+        np.testing.assert_array_equal(z.network.state_dict()[key].numpy(), value.numpy(), err_msg=key)
+    code, _, err = _run(["fit", tmp_path / "nothing.zarr", *args, "--out", tmp_path / "n"], capsys)
+    assert code == 2 and "nothing.zarr" in err and "does not exist" in err
+
+
 def test_fit_holdout_rule_with_two_keys(files, capsys, tmp_path):
     code, out, _ = _run(["fit", files["data"], "--perturbation-key", "perturbation", "--control", "ctrl",
                          "--holdout", "rep=r2&perturbation=KO1", *TINY, "--out", tmp_path / "m"], capsys)
