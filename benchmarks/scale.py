@@ -56,7 +56,7 @@ def stage_simulate(a) -> dict:
     import anndata as ad
 
     backed = ad.read_h5ad(a.file, backed="r")
-    nnz = int(backed.X.indptr[-1]) if hasattr(backed.X, "indptr") else None
+    nnz = int(backed.X.group["indptr"][-1]) if hasattr(backed.X, "group") else None
     return {"wall_s": round(time.perf_counter() - t0, 2), "nonzero_fraction": None if nnz is None else
             round(nnz / (a.cells * a.genes), 4), "file_gb": round(Path(a.file).stat().st_size / 1e9, 3)}
 

@@ -51,7 +51,9 @@ class CenteredRows:
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
-        return self.expr.rows(idx) - self.centers[self.batch[idx]]
+        x = self.expr.rows(idx)  # a fresh array: centred in place
+        x -= self.centers[self.batch[idx]]
+        return x
 
     all_rows = ExpressionRows.all_rows
 
@@ -179,6 +181,7 @@ class PairedBatches(IterableDataset):
             raise ValueError("no training pairs: no target cell shares a pairing group with control cells")
         sizes = np.array([len(v) for _, v in self.strata], dtype=np.float64)
         self.weights = sizes / sizes.sum()
+        self._cdf = np.cumsum(self.weights)  # strata drawn by one search per batch
         self.hidden_anchor: dict[int, np.ndarray] = {}  # stratum -> anchor with its covariates hidden
         if self.covariate_dropout and self.anchors is not None and self.held_out_anchor_fn is not None:
             for i, ((cond_i, _), members) in enumerate(self.strata):
@@ -225,8 +228,13 @@ class PairedBatches(IterableDataset):
         and whether its covariates are hidden (its stratum, else -1)."""
         tgt, src, conds, hidden = [], [], [], []
         n = 0
+        picks = iter(())
         while n < self.batch_size:
-            stratum = rng.choice(len(self.strata), p=self.weights)
+            stratum = next(picks, None)
+            if stratum is None:  # strata in proportion to their cells, drawn a batch's worth at a time
+                u = rng.random(-(-self.batch_size // self.block_size) + 1) * self._cdf[-1]
+                picks = iter(np.minimum(np.searchsorted(self._cdf, u, side="right"), len(self.strata) - 1).tolist())
+                stratum = next(picks)
             (cond, group), members = self.strata[stratum]
             b = min(self.block_size, self.batch_size - n, len(members))
             t_idx = rng.choice(members, b, replace=False)

@@ -259,11 +259,15 @@ class ExpressionRows:
         """(len(idx), n_genes) float32 expression of the cells ``idx`` (any order, repeats allowed)."""
         idx = np.asarray(idx, dtype=np.int64)
         block = self._read(idx)
-        x = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
-        if self.space == "counts":
+        if sp.issparse(block):
+            x = block.toarray().astype(np.float32, copy=False)
+        else:
+            x = np.array(block, dtype=np.float32)  # a copy: changed in place below, and by callers
+        if self.space == "counts":  # log1p(counts / library * target_sum), in place
             lib = self.library[idx]
             scale = np.where(lib > 0, self.target_sum / np.where(lib > 0, lib, 1.0), 0.0).astype(np.float32)
-            x = np.log1p(x * scale[:, None])
+            x *= scale[:, None]
+            np.log1p(x, out=x)
         return x
 
     def all_rows(self, idx: np.ndarray | None = None, chunk: int = CHUNK) -> np.ndarray:

@@ -118,6 +118,7 @@ def ot_pair_blocks(x0: np.ndarray, x1: np.ndarray, sizes: Sequence[int],
     start = 0
     for size in sizes:
         sl = slice(start, start + size)
-        out[sl] = x0[sl][ot_permutation(p0[sl], p1[sl])]
+        if size > 1:  # a single pair is its own optimal plan
+            out[sl] = x0[sl][ot_permutation(p0[sl], p1[sl])]
         start += size
     return out
