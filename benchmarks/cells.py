@@ -64,7 +64,9 @@ def _summary(res, methods) -> dict:
 def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
     registration.setdefault("perturbation_features", "expression")
     t0 = time.perf_counter()
+    shrinkage = None if args.anchor_shrinkage == "none" else args.anchor_shrinkage
     model = CellDiT(train, **registration, tokenizer=args.tokenizer, source=args.source, anchor=not args.no_anchor,
+                    anchor_shrinkage=shrinkage, batch_anchors=not args.no_batch_anchors,
                     hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
                     cfg_dropout=args.cfg_dropout, covariate_dropout=args.covariate_dropout, seed=args.seed)
     t1 = time.perf_counter()
@@ -102,8 +104,14 @@ def papalexi_rep3(data: Path, args) -> dict:
     res = evaluate(test, pred, spec, train=train, min_cells=40, baselines=["no_change", "train_mean", "mean_shift",
                    "linear"], seed=args.seed, figures=False, cell_eval=False)
     per_condition = res.table.pivot_table(index="perturbation", columns="method", values="edistance")
+    # perturbations where the mean shift is worse than doing nothing: the model must stay near no change
+    weak = per_condition.index[per_condition["mean_shift"] > per_condition["no_change"]]
+    above = per_condition.loc[weak, "model"] - per_condition.loc[weak, "no_change"]
     out = {"n_conditions": res.summary["n_conditions"], "pair_keys": pair_keys, **timing, **sampling,
            "metrics": _summary(res, ["model", "mean_shift", "train_mean", "linear", "no_change"]),
+           "weak": {"mean_shift_worse_than_no_change": sorted(weak),
+                    "model_above_no_change_by_0.01": sorted(above.index[above > 0.01]),
+                    "max_model_minus_no_change": round(float(above.max()), 4) if len(above) else None},
            "edistance_per_condition": per_condition.round(4).to_dict()}
     if args.generate:  # cells from the model alone (the noise prior, or the bank of training controls), in rep_3
         parts = [model.generate(lab, n=int(counts[lab]), controls=controls, seed=args.seed, steps=args.sample_steps,
@@ -228,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="training steps of the gene tokenizer (its O(G^2) attention is the slowest on "
                              "CPU; default --max-steps)")
     parser.add_argument("--no-anchor", action="store_true", help="start the control-source flow at the control cell")
+    parser.add_argument("--anchor-shrinkage", default="hybrid", choices=["hybrid", "gate", "eb", "none"],
+                        help="shrinkage of the anchors toward no change (none: the plain mean shift)")
+    parser.add_argument("--no-batch-anchors", action="store_true",
+                        help="one anchor per condition for every batch (not each pair_keys batch its own)")
     parser.add_argument("--no-pair-keys", action="store_true",
                         help="papalexi_rep3: the minimal command (no pair_keys: the data centred as one batch)")
     parser.add_argument("--folds", type=int, default=3, help="papalexi_unseen: folds of held-out perturbations")

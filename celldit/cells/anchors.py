@@ -50,6 +50,9 @@ class ConditionTable:
         more covariate groups.
     group_controls
         ``{group: (G,)}`` the mean control cell of each covariate group.
+    gates
+        The conditions' shrinkage gate factors (see :mod:`celldit.cells.shrinkage`); set at fit
+        time, not saved.
 
     A covariate group that never saw a condition gets a *group-weighted* anchor: the
     condition's group shifts averaged with kernel weights ``exp(-|c - c_g|^2 / h)``, where
@@ -64,6 +67,7 @@ class ConditionTable:
     anchors: np.ndarray
     group_shifts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
     group_controls: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    gates: np.ndarray | None = field(default=None, repr=False)  # (n_conditions,) shrinkage gates (at fit)
 
     def __post_init__(self) -> None:
         self._row = {k: i for i, k in enumerate(self.keys)}
@@ -154,7 +158,8 @@ class ConditionTable:
 
 
 def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows, n_genes: int,
-                          anchored: bool = True) -> tuple[ConditionTable, np.ndarray]:
+                          anchored: bool = True, shrinkage: str | None = None, gate: float = 2.0,
+                          floor: float = 0.1) -> tuple[ConditionTable, np.ndarray]:
     """Index the cells' conditions and compute their anchors.
 
     Parameters
@@ -171,6 +176,10 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
     anchored
         Compute mean-shift anchors (else all zero; the groups' mean control cells are computed
         either way).
+    shrinkage, gate, floor
+        Shrink the anchors (and the groups' shifts alike) toward zero by their standard errors,
+        from the per-gene variances of the same pass (see :mod:`celldit.cells.shrinkage`).
+        ``table.gates`` holds each condition's gate factor (1 for control and clear conditions).
 
     Returns
     -------
@@ -188,15 +197,30 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
     groups = np.asarray(groups, dtype=np.int64)
     n_groups = int(groups.max()) + 1 if groups.size else 1
     pair = np.where(cond_id == 0, groups, -1) if not anchored else cond_id * n_groups + groups
-    sums, sizes = group_sums(rows, pair, (len(uniq) if anchored else 1) * n_groups)
+    sums, sizes, squares = group_sums(rows, pair, (len(uniq) if anchored else 1) * n_groups, squares=True)
     means = {(int(p) // n_groups, int(p) % n_groups): (sums[p] / sizes[p]).astype(np.float32)
              for p in np.flatnonzero(sizes)}
+    # squared standard error of each (condition, group) mean: sample variance / n (inf for one cell)
+    se2_of = {(int(p) // n_groups, int(p) % n_groups):
+              np.maximum(squares[p] - sums[p] ** 2 / sizes[p], 0.0) / (sizes[p] - 1) / sizes[p]
+              if sizes[p] > 1 else np.full(n_genes, np.inf) for p in np.flatnonzero(sizes)}
     ctrl_means = {g: m for (r, g), m in means.items() if r == 0}
+    se2 = np.full((len(uniq), n_genes), np.inf)
     if anchored:
         for row in range(1, len(uniq)):
             mine = {g: m - ctrl_means[g] for (r, g), m in sorted(means.items()) if r == row and g in ctrl_means}
             if mine:
                 anchors[row] = np.mean(list(mine.values()), axis=0)
+                # the anchor averages the groups' shifts: its variance is the mean of theirs / m
+                se2[row] = sum(se2_of[(row, g)] + se2_of[(0, g)] for g in mine) / len(mine) ** 2
             if len(mine) > 1:  # with one group its shift is the anchor, in every group
                 shifts.update({(row, g): v for g, v in mine.items()})
-    return ConditionTable(uniq, anchors, shifts, ctrl_means), cond_id
+    gates = np.ones(len(uniq))
+    if anchored and shrinkage is not None and len(uniq) > 1:
+        from .shrinkage import empirical_bayes, shrink_group_shift, shrink_shifts
+
+        raw = anchors[1:].astype(np.float64)
+        anchors[1:], gates[1:], mix = shrink_shifts(raw, se2[1:], shrinkage, gate, floor)
+        eb = empirical_bayes(raw, np.where(np.isfinite(se2[1:]), se2[1:], 1e6))
+        shifts = {(r, g): shrink_group_shift(v, eb[r - 1], gates[r], mix[r - 1]) for (r, g), v in shifts.items()}
+    return ConditionTable(uniq, anchors, shifts, ctrl_means, gates), cond_id

@@ -110,6 +110,22 @@ class CellDiTConfig:
     anchor
         Control source: start each flow at control cell + the condition's mean shift, so that
         the untrained network predicts the mean shift and training learns the rest.
+    anchor_shrinkage
+        Shrink each anchor toward no change by its standard error (see
+        :mod:`celldit.cells.shrinkage`): "hybrid" (default; a per-condition gate on the
+        evidence of an effect, with per-gene empirical Bayes where the gate is closed),
+        "gate", "eb", or null (the plain mean shift). Perturbations whose measured shift is
+        indistinguishable from noise then start near their controls instead of at their noise.
+    batch_anchors
+        With ``pair_keys`` and no covariates: each batch (e.g. a replicate) keeps its own shift
+        of each condition. A training block starts from its batch's shift, and new cells from
+        the batches' shifts weighted by how alike each batch's mean control cell is to theirs
+        (the kernel of :class:`~celldit.cells.anchors.ConditionTable`). Replicates of a screen
+        differ in state, and so do their perturbations' effects; a new replicate borrows most
+        from the replicates it resembles. False: one anchor per condition for every batch.
+    shrinkage_gate, shrinkage_floor
+        The chi-square per gene (``mean d^2 / se^2``) at which the gate opens fully, and the
+        least factor a closed gate keeps.
     ot
         Re-pair sources and targets within a block by exact minibatch optimal transport.
     ot_dims
@@ -176,6 +192,10 @@ class CellDiTConfig:
     tokenizer: str = option("module", choices=TOKENIZER_NAMES)
     source: str = option("control", choices=SOURCES)
     anchor: bool = True
+    anchor_shrinkage: str | None = option("hybrid", choices=(None, "hybrid", "gate", "eb"))
+    shrinkage_gate: float = option(2.0, gt=1)
+    shrinkage_floor: float = option(0.1, ge=0, le=1)
+    batch_anchors: bool = True
     ot: bool = True
     ot_dims: int | None = option(32, ge=1)
     center: bool = True
@@ -222,6 +242,11 @@ class CellDiTConfig:
         ``pair_keys`` (batches = their values), or, without covariates, the whole data as one
         batch (new cells are then centred on their own controls, a new batch's offset removed)."""
         return self.center and (bool(self.pair_keys) or not self.covariate_keys)
+
+    @property
+    def batch_anchored(self) -> bool:
+        """Whether anchors are per batch of ``pair_keys`` (see ``batch_anchors``)."""
+        return self.anchor and self.batch_anchors and bool(self.pair_keys) and not self.covariate_keys
 
     def replace(self, **changes: Any) -> CellDiTConfig:
         """A copy with some fields changed (checked like a new one)."""

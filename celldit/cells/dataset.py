@@ -106,6 +106,9 @@ class PairedBatches(IterableDataset):
         (``group`` from the (n_cells,) covariate-group codes ``cov_group``) gives one, the
         anchor a covariate group never trained with the condition would get. Training then
         poses the question asked of a held-out cell type.
+    group_anchors
+        Optional ``{(cond, group): (G,)}``: a block of that condition in that pairing group
+        starts from this anchor (its own batch's shift) instead of ``anchors[cond]``.
     buffer_cells
         Data on disk (backed): draw each run of ``buffer_steps`` batches from a buffer of
         this many cells, read as contiguous chunks of ``chunk_rows`` rows (chunk-shuffled
@@ -128,7 +131,8 @@ class PairedBatches(IterableDataset):
                  unknown_cov: np.ndarray | None = None, cov_group: np.ndarray | None = None,
                  held_out_anchor=None, fixed: bool = False, buffer_cells: int | None = None,
                  chunk_rows: int = 2048, prior_means: np.ndarray | None = None,
-                 noise_prior: tuple[np.ndarray, np.ndarray] | None = None):
+                 noise_prior: tuple[np.ndarray, np.ndarray] | None = None,
+                 group_anchors: dict[tuple[int, int], np.ndarray] | None = None):
         super().__init__()
         self.expr, self.cov_idx = expr, cov_idx
         self.cond_id, self.group_id, self.control_cond = np.asarray(cond_id), np.asarray(group_id), control_cond
@@ -141,7 +145,7 @@ class PairedBatches(IterableDataset):
         self.cells = np.sort(np.asarray(cells, dtype=np.int64))
         self.covariate_dropout = covariate_dropout if unknown_cov is not None and cov_idx.shape[1] else 0.0
         self.unknown_cov = unknown_cov
-        self.cov_group, self.held_out_anchor_fn = cov_group, held_out_anchor
+        self.cov_group, self.held_out_anchor_fn, self.group_anchors = cov_group, held_out_anchor, group_anchors or {}
         self.prior_means, self.noise_prior = prior_means, noise_prior
         self._set_strata(self.cells, warn=True)
         backed = getattr(expr, "backed", False)
@@ -188,6 +192,11 @@ class PairedBatches(IterableDataset):
                 a = self.held_out_anchor_fn(cond_i, int(self.cov_group[members[0]]))
                 if a is not None:
                     self.hidden_anchor[i] = a
+        self.own_anchor: dict[int, np.ndarray] = {}  # stratum -> its batch's own anchor
+        if self.anchors is not None:
+            for i, (key, _) in enumerate(self.strata):
+                if key in self.group_anchors:
+                    self.own_anchor[i] = np.asarray(self.group_anchors[key], dtype=np.float32)
 
     def _use_buffer(self, step: int, worker: int) -> None:
         """Load the buffer of the run of batches ``step`` belongs to (contiguous chunks of cells)."""
@@ -223,10 +232,10 @@ class PairedBatches(IterableDataset):
         """One batch: ``x1`` targets, ``source`` (control cells, plus anchor), conditioning."""
         return self.load(self.draw(rng))
 
-    def draw(self, rng: np.random.Generator) -> tuple[list, list, list, list]:
+    def draw(self, rng: np.random.Generator) -> tuple[list, list, list, list, list]:
         """The random part of a batch: per block, target and source cell indices, condition
-        and whether its covariates are hidden (its stratum, else -1)."""
-        tgt, src, conds, hidden = [], [], [], []
+        whether its covariates are hidden (its stratum, else -1), and its stratum."""
+        tgt, src, conds, hidden, blocks = [], [], [], [], []
         n = 0
         picks = iter(())
         while n < self.batch_size:
@@ -242,25 +251,28 @@ class PairedBatches(IterableDataset):
             s_idx = rng.choice(pool, b, replace=len(pool) < b)
             tgt.append(t_idx), src.append(s_idx), conds.append(np.full(b, cond))
             hidden.append(stratum if self.covariate_dropout and rng.random() < self.covariate_dropout else -1)
+            blocks.append(stratum)
             n += b
         if self.noise_prior is not None:  # the noise source's draws, from the batch's own stream
             k = self.noise_prior[0].shape[1]
             src = [(rng.standard_normal((n, k), dtype=np.float32), rng.standard_normal((n, self.expr.n_vars),
                                                                                          dtype=np.float32))]
-        return tgt, src, conds, hidden
+        return tgt, src, conds, hidden, blocks
 
-    def load(self, drawn: tuple[list, list, list, list]) -> dict[str, torch.Tensor]:
+    def load(self, drawn: tuple[list, list, list, list, list]) -> dict[str, torch.Tensor]:
         """Read the drawn cells and build the batch (anchored sources, OT re-pairing)."""
-        tgt, src, conds, hidden = drawn
+        tgt, src, conds, hidden, blocks = drawn
         t_idx, cond = np.concatenate(tgt), np.concatenate(conds)
         x1 = self.expr.rows(t_idx)
         x0 = None if self.noise_prior is not None else self.expr.rows(np.concatenate(src))
         cov_idx = self.cov_idx[t_idx].copy()
         anchor = np.zeros_like(x1) if self.anchors is None else self.anchors[cond].copy()
         start = 0
-        for block, stratum in zip(tgt, hidden):
+        for block, stratum, own in zip(tgt, hidden, blocks):
             sl = slice(start, start + len(block))
             start += len(block)
+            if own in self.own_anchor:
+                anchor[sl] = self.own_anchor[own]
             if stratum >= 0:
                 cov_idx[sl] = self.unknown_cov
                 if stratum in self.hidden_anchor:  # the anchor of a group never trained with the condition

@@ -8,6 +8,7 @@ step                    module
 settings                :mod:`celldit.cells.config` (``CellDiTConfig``, ``CellFitConfig``)
 registration            :mod:`celldit.cells.registration` (genes, rows, conditions, vocabulary)
 anchors                 :mod:`celldit.cells.anchors` (mean-shift estimates the flow starts from)
+shrinkage               :mod:`celldit.cells.shrinkage` (weak shifts pulled toward no change)
 network                 :mod:`celldit.cells.module` (``CellFlowNet``, ``PerturbationEncoder``)
 training batches        :mod:`celldit.cells.dataset` (``PairedBatches``, ``CellDataModule``)
 training plan           :mod:`celldit.cells.plan` (``CellTrainingPlan``) and :mod:`celldit.train`
@@ -218,7 +219,8 @@ class CellDiT:
                 block_size=fit_config.block_size, ot=c.ot, steps=steps, seed=stream_seed, ot_basis=d.ot_basis,
                 covariate_dropout=c.covariate_dropout, cov_group=d.cov_group,
                 unknown_cov=np.array([len(v) for v in self.vocab.covariates.values()], dtype=np.int64),
-                held_out_anchor=self.conditions.held_out_anchor, fixed=fixed,
+                held_out_anchor=None if c.batch_anchored else self.conditions.held_out_anchor, fixed=fixed,
+                group_anchors=self.conditions.group_shifts if c.batch_anchored else None,
                 buffer_cells=None if fixed else fit_config.buffer_cells,
                 prior_means=self.prior_means() if c.source == "noise" else None,
                 noise_prior=self.noise_prior_arrays() if c.source == "noise" else None)

@@ -110,7 +110,15 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     cov_group = group_codes(cov_frame)
     pair_group = group_codes(pd.concat([cov_frame, adata.obs[list(config.pair_keys)].astype(str)], axis=1))
     use_anchor = config.anchor
-    table, cond_id = build_condition_table(keys, cov_group, rows, len(genes), anchored=use_anchor)
+    anchor_group = pair_group if config.batch_anchored else cov_group
+    table, cond_id = build_condition_table(keys, anchor_group, rows, len(genes), anchored=use_anchor,
+                                           shrinkage=config.anchor_shrinkage, gate=config.shrinkage_gate,
+                                           floor=config.shrinkage_floor)
+    if config.batch_anchored and isinstance(rows, CenteredRows):
+        # batches are told apart by their *uncentred* mean control cells (centred ones are all ~0)
+        first = {int(g): i for i, g in reversed(list(enumerate(pair_group)))}
+        table = ConditionTable(table.keys, table.anchors, table.group_shifts,
+                               {g: rows.centers[rows.batch[first[g]]] for g in table.group_controls}, table.gates)
     cov_key = cov_frame.agg("\x1f".join, axis=1) if cov_frame.shape[1] else pd.Series("", index=cov_frame.index)
     trained_groups = sorted({f"{c}\x1e{g}" for c, g in zip(cond_id, cov_key)})
     ctrl_rows = np.flatnonzero(cond_id == 0)

@@ -53,20 +53,27 @@ class CellSampler:
         self.conditions, self.genes = model.conditions, model.genes
 
     # ------------------------------------------------------------------ conditions
-    def _condition(self, label: str, dose: Any, x: torch.Tensor, cov: pd.DataFrame
+    def _condition(self, label: str, dose: Any, x: torch.Tensor, cov: pd.DataFrame,
+                   batches: tuple[np.ndarray, dict[Any, np.ndarray]] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Label (+ dose) for sources ``x`` (n, G) with covariates ``cov`` ->
         (pert_idx (1, K), pert_scale (1, K), anchors (n, G)).
 
         A source whose covariate group never trained this condition gets the group-weighted
         anchor of its group (see :class:`~celldit.cells.anchors.ConditionTable`), its
-        group's mean being the mean of those sources."""
+        group's mean being the mean of those sources. With batch anchors (``batch_anchors``),
+        ``batches`` = (batch label of each source (n,), ``{label: its uncentred mean control
+        cell}``): each input batch gets the training batches' shifts weighted by likeness."""
         key = parse_condition(str(label), dose, self.spec)
         pert_idx, pert_scale = self.vocab.encode_conditions([key[0]], [key[1]])
         n = x.shape[0]
         if not self.config.anchor:
             return pert_idx, pert_scale, np.zeros((n, len(self.genes)), np.float32)
         anchors = np.repeat(self.conditions.anchor(key)[None], n, axis=0)
+        if self.config.batch_anchored and batches is not None:
+            labels, means = batches
+            for b, mean in means.items():
+                anchors[labels == b] = self.conditions.anchor(key, mean)
         unseen = self._unseen_groups(label, dose, cov)
         if unseen.any():
             groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
@@ -217,7 +224,9 @@ class CellSampler:
         rows = self.input_rows(controls, layer, size_factor_key, input_space)
         x = torch.from_numpy(rows.all_rows())
         library = rows.library_sizes(np.arange(controls.n_obs))
-        offset = self._input_centers(controls, x)
+        batch = self._input_batches(controls)
+        offset = self._input_centers(batch, x)
+        batches = (batch, {b: offset[np.flatnonzero(batch == b)[0]].numpy() for b in np.unique(batch)})
         x = x - offset
         cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
         cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
@@ -235,7 +244,7 @@ class CellSampler:
             source = x if self.config.source == "control" else self._invert(x, cov_idx, steps, method, batch_size)
             names = controls.obs_names.astype(str).to_numpy()
             for label in labels:
-                pert = self._condition(label, dose, x, cov)
+                pert = self._condition(label, dose, x, cov, batches)
                 codes = self._covariate_codes(label, dose, cov, cov_idx)
                 for start in range(0, len(names), batch_size):
                     sl = slice(start, start + batch_size)
@@ -267,14 +276,17 @@ class CellSampler:
         trained = set(self.model.trained_groups)
         return np.array([f"{row}\x1e{g}" not in trained for g in groups], dtype=bool)
 
-    def _input_centers(self, controls: AnnData, x: torch.Tensor) -> torch.Tensor:
+    def _input_batches(self, controls: AnnData) -> np.ndarray:
+        """(n,) batch of each input cell: its values of the pair keys the input has (else one batch)."""
+        keys = [k for k in self.config.pair_keys if k in controls.obs.columns]
+        return controls.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys \
+            else np.zeros(controls.n_obs, dtype=object)
+
+    def _input_centers(self, batch: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         """(n, G) offset of each input cell: the mean of the input's control cells of its
-        batch (values of the pair keys, when the input has them; else the whole input) for a
-        centred model, else 0."""
+        ``batch`` for a centred model, else 0."""
         if not self.config.centred:
             return torch.zeros_like(x)
-        keys = [k for k in self.config.pair_keys if k in controls.obs.columns]
-        batch = controls.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys else np.zeros(len(x))
         offset = torch.empty_like(x)
         for b in np.unique(batch):
             m = torch.from_numpy(batch == b)
@@ -380,8 +392,9 @@ class CellSampler:
                 else:
                     pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()]
                     x0 = bank_x[pick]
-                x = self._transport(x0, self._condition(label, dose, x0, cov), cov_idx, steps, method, cfg_scale,
-                                    batch_size)
+                one = (np.zeros(m, dtype=object), {0: np.asarray(offset, dtype=np.float32)})  # one batch: its mean
+                x = self._transport(x0, self._condition(label, dose, x0, cov, one), cov_idx, steps, method,
+                                    cfg_scale, batch_size)
                 if self.config.centred:  # the model's cells are relative to their batch's controls
                     x = x + offset
                 library = None if pick is None or self.model.bank_library is None else self.model.bank_library[pick]

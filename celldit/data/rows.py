@@ -305,13 +305,16 @@ def _rows_in_file(adata: AnnData) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
-def group_sums(rows: Any, groups: np.ndarray, n_groups: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+def group_sums(rows: Any, groups: np.ndarray, n_groups: int, chunk: int = CHUNK, squares: bool = False
+               ) -> tuple[np.ndarray, ...]:
     """Per-group sums (n_groups, G) and sizes (n_groups,) of ``rows`` (anything with ``rows(idx)``,
     ``n_obs`` and ``n_vars``), in one chunked pass: a sparse indicator product per chunk, so the
     means of every condition cost one read of the data and ``chunk`` rows of memory
-    (``groups[i] < 0``: row i is skipped)."""
+    (``groups[i] < 0``: row i is skipped). ``squares``: also the per-group sums of squares
+    (n_groups, G), returned third (variances in the same pass)."""
     groups = np.asarray(groups, dtype=np.int64)
     sums = np.zeros((n_groups, rows.n_vars), np.float64)
+    sq = np.zeros_like(sums) if squares else None
     sizes = np.bincount(groups[groups >= 0], minlength=n_groups).astype(np.float64)
     for start in range(0, rows.n_obs, chunk):
         g = groups[start: start + chunk]
@@ -320,8 +323,11 @@ def group_sums(rows: Any, groups: np.ndarray, n_groups: int, chunk: int = CHUNK)
             continue
         x = rows.rows(start + keep)
         indicator = sp.csr_matrix((np.ones(len(keep)), (g[keep], np.arange(len(keep)))), shape=(n_groups, len(keep)))
-        sums += indicator @ x.astype(np.float64)
-    return sums, sizes
+        x = x.astype(np.float64)
+        sums += indicator @ x
+        if squares:
+            sq += indicator @ (x * x)
+    return (sums, sizes, sq) if squares else (sums, sizes)
 
 
 def select_genes(adata: AnnData, genes: str | Sequence[str] = "all", n_top_genes: int = 2000, *,

@@ -325,9 +325,47 @@ def test_batches_are_centred_on_their_own_controls():
     shift = out.X[new.n_obs:].mean(0) - x.mean(0)
     np.testing.assert_allclose(shift[SHIFTED], 1.0, atol=0.1)
     assert np.abs(shift[4:]).max() < 0.1
-    uncentred = build(train, pair_keys=["batch"], center=False)
+    uncentred = build(train, pair_keys=["batch"], center=False, batch_anchors=False)
     biased = counterfactual(uncentred, new, "P").X.mean(0) - x.mean(0)
-    assert np.abs(biased[4:]).max() > 0.3  # the batch offset leaks into the shift without centring
+    assert np.abs(biased[4:]).max() > 0.3  # the batch offset leaks into a pooled shift without centring
+    # each batch's own shift is taken within the batch: no leak even uncentred
+    within = build(train, pair_keys=["batch"], center=False)
+    shift = counterfactual(within, new, "P").X.mean(0) - x.mean(0)
+    assert np.abs(shift[4:]).max() < 0.1
+
+
+def test_batch_anchors_weigh_the_batches_alike_to_the_new_one():
+    """Batch b1 (offset -1) responds to P by +0.5, b2 (offset +1) by +1.5. A new batch at
+    offset +1.1 resembles b2: its anchor weighs b2's shift by the kernel
+    exp(-(d2 - d2_min) / h) (h = d2(b1, b2)); without batch anchors it is the plain mean (1.0).
+    In training, each block starts from its own batch's shift."""
+    rng = np.random.default_rng(5)
+    n, batches = 80, {"b1": (-1.0, 0.5), "b2": (1.0, 1.5), "b3": (1.1, 0.0)}
+    xs, obs = [], []
+    for b, (off, effect) in batches.items():
+        base = 2.0 + off + 0.05 * rng.standard_normal((2 * n, G))
+        base[n:, SHIFTED] += effect
+        xs.append(base)
+        obs += [("control", b)] * n + [("P", b)] * n
+    obs = pd.DataFrame(obs, columns=["perturbation", "batch"], index=[f"c{i}" for i in range(len(obs))])
+    adata = AnnData(np.concatenate(xs).astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(G)]))
+    train = adata[obs["batch"] != "b3"].copy()
+    new = adata[((obs["batch"] == "b3") & (obs["perturbation"] == "control")).to_numpy()].copy()
+    d2 = np.array([(2.1 ** 2) * G, (0.1 ** 2) * G])  # new batch to b1, b2 (mean control cells)
+    w = np.exp(-(d2 - d2.min()) / (4.0 * G))
+    want = (w @ [0.5, 1.5]) / w.sum()
+    model = build(train, pair_keys=["batch"])
+    shift = counterfactual(model, new, "P").X.mean(0) - new.X.mean(0)
+    np.testing.assert_allclose(shift[SHIFTED], want, atol=0.03)
+    plain = build(train, pair_keys=["batch"], batch_anchors=False)
+    shift = counterfactual(plain, new, "P").X.mean(0) - new.X.mean(0)
+    np.testing.assert_allclose(shift[SHIFTED], 1.0, atol=0.03)
+    # training blocks start from their own batch's shift: source - matching control = its shift
+    train_batches, _ = model._batches(CellFitConfig(batch_size=64, block_size=16, max_steps=2), 0)
+    own = {group: model.conditions.group_shifts[(cond, group)] for (cond, group), _ in train_batches.strata}
+    assert sorted(round(float(v[SHIFTED].mean()), 1) for v in own.values()) == [0.5, 1.5]
+    for i, ((_cond, group), _) in enumerate(train_batches.strata):
+        np.testing.assert_array_equal(train_batches.own_anchor[i], own[group])
 
 
 def test_norman_unseen_combination_generates_end_to_end():
