@@ -84,13 +84,18 @@ def stage_data(a) -> dict:
     from celldit.cells import CellFitConfig
 
     model = _model(a)
-    train, _ = model._batches(CellFitConfig(max_steps=a.steps), 0)
+    train, _ = model._batches(CellFitConfig(max_steps=a.data_steps), 0)
     loader = DataLoader(train, batch_size=None, num_workers=a.workers, prefetch_factor=4 if a.workers else None)
-    t0, n = time.perf_counter(), 0
+    t0, n, first = time.perf_counter(), 0, None
     for batch in loader:
         n += len(batch["x1"])
+        first = first or time.perf_counter() - t0
     wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 2), "batches": a.steps, "cells_per_s": round(n / wall, 1), "workers": a.workers}
+    # a backed file is read into chunk-shuffled buffers renewed every 4 * buffer_cells / batch_size steps:
+    # the first batch waits for a buffer; what follows is the steady rate
+    return {"wall_s": round(wall, 2), "batches": a.data_steps, "cells_per_s": round(n / wall, 1),
+            "first_batch_s": round(first, 2), "after_first_cells_per_s": round((n - 256) / max(wall - first, 1e-9), 1),
+            "workers": a.workers}
 
 
 def stage_train(a) -> dict:
@@ -212,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--library-size", type=float, default=3000.0, help="median counts per cell (~15%% nonzero at 2,000 genes)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--data-steps", type=int, default=2048, help="batches of the data stage (two buffer renewals)")
     p.add_argument("--cf-cells", type=int, default=1_000_000, help="counterfactual cells written to disk")
+    p.add_argument("--cf-at", type=int, default=None,
+                   help="the size (cells) whose model writes the --cf-cells counterfactual (default: the smallest; "
+                        "the output path's memory does not depend on the training size); run last")
     p.add_argument("--cf-tokenizer", default="latent",
                    help="tokenizer of the counterfactual stage's model (latent: 8 tokens, the fastest on a CPU)")
     p.add_argument("--norman", action="store_true", help="also the Norman-sized evaluate case (110k x 5,000)")
@@ -244,19 +253,33 @@ def main(argv: list[str] | None = None) -> int:
               "sizes": {}, "genes_axis": []}
     common = {"genes": a.genes, "perturbations": a.perturbations, "steps": a.steps, "workers": a.workers,
               "threads": a.threads, "work": a.work, "library_size": a.library_size}
+    def save() -> str:  # after every stage, so that a long run's figures so far are kept
+        sizes = sorted(report["sizes"], key=int)
+        if len(sizes) > 1:
+            first, last = report["sizes"][sizes[0]]["construct"], report["sizes"][sizes[-1]]["construct"]
+            report["construct_time_ratio_vs_cells_ratio"] = round(
+                (last["wall_s"] / first["wall_s"]) / (int(sizes[-1]) / int(sizes[0])), 3)
+        text = json.dumps(report, indent=2)
+        if a.out is not None:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(text + "\n")
+        return text
+
+    cf_at = a.cf_at if a.cf_at is not None else min(a.cells)
     for n in a.cells:
         f = a.work / f"screen_{n}x{a.genes}.h5ad"
-        kw = {**common, "cells": n, "file": f, "cf_cells": a.cf_cells, "cf_tokenizer": a.cf_tokenizer}
-        entry = {"simulate": run_stage("simulate", **kw)}
-        for name in ("construct", "data", "train", "counterfactual"):
+        kw = {**common, "cells": n, "file": f}
+        entry = report["sizes"][str(n)] = {"simulate": run_stage("simulate", **kw)}
+        for name in ("construct", "data", "train"):
             entry[name] = run_stage(name, **kw)
-        report["sizes"][str(n)] = entry
-        f.unlink(missing_ok=True)
-        (a.work / f"cf_{n}.h5ad").unlink(missing_ok=True)
+            save()
+        if n != cf_at:
+            f.unlink(missing_ok=True)
     if a.norman:
         f = a.work / "norman_110000x5000.h5ad"
         kw = {**common, "cells": 110_000, "genes": 5000, "perturbations": 220, "combinations": 30, "file": f}
         report["norman_evaluate"] = {"simulate": run_stage("simulate", **kw), "evaluate": run_stage("evaluate", **kw)}
+        save()
         f.unlink(missing_ok=True)
     for g in a.genes_axis:
         f = a.work / f"axis_{g}.h5ad"
@@ -264,17 +287,15 @@ def main(argv: list[str] | None = None) -> int:
               "library_size": a.library_size * g / 2000}
         run_stage("simulate", **kw)
         report["genes_axis"].append(run_stage("genes", **kw))
+        save()
         f.unlink(missing_ok=True)
-    sizes = sorted(report["sizes"], key=int)
-    if len(sizes) > 1:
-        first, last = report["sizes"][sizes[0]]["construct"], report["sizes"][sizes[-1]]["construct"]
-        report["construct_time_ratio_vs_cells_ratio"] = round(
-            (last["wall_s"] / first["wall_s"]) / (int(sizes[-1]) / int(sizes[0])), 3)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+    if cf_at in a.cells and a.cf_cells:
+        f = a.work / f"screen_{cf_at}x{a.genes}.h5ad"
+        kw = {**common, "cells": cf_at, "file": f, "cf_cells": a.cf_cells, "cf_tokenizer": a.cf_tokenizer}
+        report["counterfactual"] = {"model_cells": cf_at, **run_stage("counterfactual", **kw)}
+        f.unlink(missing_ok=True)
+        (a.work / f"cf_{cf_at}.h5ad").unlink(missing_ok=True)
+    print(save())
     return 0
 
 
