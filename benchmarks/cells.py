@@ -67,6 +67,7 @@ def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
     shrinkage = None if args.anchor_shrinkage == "none" else args.anchor_shrinkage
     model = CellDiT(train, **registration, tokenizer=args.tokenizer, source=args.source, anchor=not args.no_anchor,
                     anchor_shrinkage=shrinkage, batch_anchors=not args.no_batch_anchors,
+                    gate_velocity=not args.no_gate_velocity,
                     hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
                     cfg_dropout=args.cfg_dropout, covariate_dropout=args.covariate_dropout, seed=args.seed)
     t1 = time.perf_counter()
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-anchor", action="store_true", help="start the control-source flow at the control cell")
     parser.add_argument("--anchor-shrinkage", default="hybrid", choices=["hybrid", "gate", "eb", "none"],
                         help="shrinkage of the anchors toward no change (none: the plain mean shift)")
+    parser.add_argument("--no-gate-velocity", action="store_true",
+                        help="the network's velocity not scaled by the condition's shrinkage gate at sampling")
     parser.add_argument("--no-batch-anchors", action="store_true",
                         help="one anchor per condition for every batch (not each pair_keys batch its own)")
     parser.add_argument("--no-pair-keys", action="store_true",

@@ -51,8 +51,7 @@ class ConditionTable:
     group_controls
         ``{group: (G,)}`` the mean control cell of each covariate group.
     gates
-        The conditions' shrinkage gate factors (see :mod:`celldit.cells.shrinkage`); set at fit
-        time, not saved.
+        The conditions' shrinkage gate factors (see :mod:`celldit.cells.shrinkage`; None: all 1).
 
     A covariate group that never saw a condition gets a *group-weighted* anchor: the
     condition's group shifts averaged with kernel weights ``exp(-|c - c_g|^2 / h)``, where
@@ -67,7 +66,7 @@ class ConditionTable:
     anchors: np.ndarray
     group_shifts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
     group_controls: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
-    gates: np.ndarray | None = field(default=None, repr=False)  # (n_conditions,) shrinkage gates (at fit)
+    gates: np.ndarray | None = field(default=None, repr=False)  # (n_conditions,) shrinkage gates
 
     def __post_init__(self) -> None:
         self._row = {k: i for i, k in enumerate(self.keys)}
@@ -139,7 +138,8 @@ class ConditionTable:
         n_genes = self.anchors.shape[1]
         shift_keys = sorted(self.group_shifts)
         groups = sorted(self.group_controls)
-        return {"shift_keys": np.array(shift_keys, dtype=np.int64).reshape(-1, 2),
+        return {"gates": (np.ones(len(self.keys)) if self.gates is None else self.gates).astype(np.float32),
+                "shift_keys": np.array(shift_keys, dtype=np.int64).reshape(-1, 2),
                 "shifts": np.stack([self.group_shifts[k] for k in shift_keys]) if shift_keys
                 else np.zeros((0, n_genes), np.float32),
                 "control_groups": np.array(groups, dtype=np.int64),
@@ -154,7 +154,13 @@ class ConditionTable:
             return cls(keys, anchors)
         shifts = {(int(r), int(g)): v for (r, g), v in zip(groups["shift_keys"], groups["shifts"])}
         controls = {int(g): v for g, v in zip(groups["control_groups"], groups["controls"])}
-        return cls(keys, anchors, shifts, controls)
+        gates = groups.get("gates")  # absent in folders saved before shrinkage: all open
+        return cls(keys, anchors, shifts, controls, None if gates is None else np.asarray(gates, np.float64))
+
+    def gate(self, key: ConditionKey) -> float:
+        """Shrinkage gate of a trained condition (1 for an untrained one or without gates)."""
+        row = self.row(key)
+        return 1.0 if row is None or self.gates is None else float(self.gates[row])
 
 
 def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows, n_genes: int,

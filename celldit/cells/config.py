@@ -116,6 +116,11 @@ class CellDiTConfig:
         evidence of an effect, with per-gene empirical Bayes where the gate is closed),
         "gate", "eb", or null (the plain mean shift). Perturbations whose measured shift is
         indistinguishable from noise then start near their controls instead of at their noise.
+    gate_velocity
+        Control source, with a gated ``anchor_shrinkage``: at sampling, the network's velocity
+        for a condition is scaled by its gate (1 for clear conditions, ``shrinkage_floor`` for
+        noise-level ones), so that the flow reshapes only conditions with evidence of an
+        effect instead of adding its fit of their training noise.
     batch_anchors
         With ``pair_keys`` and no covariates: each batch (e.g. a replicate) keeps its own shift
         of each condition. A training block starts from its batch's shift, and new cells from
@@ -195,6 +200,7 @@ class CellDiTConfig:
     anchor_shrinkage: str | None = option("hybrid", choices=(None, "hybrid", "gate", "eb"))
     shrinkage_gate: float = option(2.0, gt=1)
     shrinkage_floor: float = option(0.1, ge=0, le=1)
+    gate_velocity: bool = True
     batch_anchors: bool = True
     ot: bool = True
     ot_dims: int | None = option(32, ge=1)

@@ -82,15 +82,23 @@ class CellSampler:
                 anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy())
         return pert_idx, pert_scale, anchors
 
+    def _velocity_gate(self, label: str, dose: Any) -> float:
+        """The factor of the network's velocity for a condition: its shrinkage gate with
+        ``gate_velocity`` and a control source (a noise source must move noise to cells), else 1."""
+        if not (self.config.gate_velocity and self.config.source == "control" and self.config.anchor):
+            return 1.0
+        return self.conditions.gate(parse_condition(str(label), dose, self.spec))
+
     def _solver(self, steps: int | None, method: str | None) -> tuple[str, int]:
         m, s = self.config.sampler.solver(self.config.source)
         return method or m, steps or s
 
     def _transport(self, x: torch.Tensor, pert: tuple[np.ndarray, np.ndarray, np.ndarray], cov_idx: np.ndarray,
                    steps: int | None, method: str | None, cfg_scale: float, batch_size: int,
-                   reverse: bool = False) -> torch.Tensor:
+                   reverse: bool = False, gate: float = 1.0) -> torch.Tensor:
         """Integrate sources ``x`` (control cells for a control source, else noise) from
-        t = 0 to 1 under condition ``pert``; ``reverse``: from t = 1 back to 0 (inversion)."""
+        t = 0 to 1 under condition ``pert``; ``reverse``: from t = 1 back to 0 (inversion);
+        ``gate`` scales the velocity (see ``gate_velocity``)."""
         method, steps = self._solver(steps, method)
         net, flow = self.network.eval(), self.config.flow
         device = next(net.parameters()).device  # the network's device (CellDiT.to); results come back on the CPU
@@ -102,6 +110,8 @@ class CellSampler:
                 cov = torch.from_numpy(cov_idx[sl]).to(device)
                 v = velocity_fn(net, flow, _conditioning(pert, cov), _conditioning(pert, cov, drop=True),
                                 cfg_scale=cfg_scale)
+                if gate != 1.0:
+                    v = _scaled(v, gate)
                 # the source moved by the condition's anchor (control cells, or the noise prior's mean)
                 x0 = anchored_source(x[sl].to(device), torch.from_numpy(pert[2][sl]).to(device))
                 y = (integrate(v, x0, 1.0, 0.0, steps=steps, method=method) if reverse
@@ -249,7 +259,8 @@ class CellSampler:
                 for start in range(0, len(names), batch_size):
                     sl = slice(start, start + batch_size)
                     part = (pert[0], pert[1], pert[2][sl])
-                    y = self._transport(source[sl], part, codes[sl], steps, method, cfg_scale, batch_size) + offset[sl]
+                    y = self._transport(source[sl], part, codes[sl], steps, method, cfg_scale, batch_size,
+                                        gate=self._velocity_gate(label, dose)) + offset[sl]
                     obs = self._labels_obs(label, dose, cov.iloc[sl], [f"{c}-{label}" for c in names[sl]])
                     obs["celldit_source"] = names[sl]
                     writer.add(y.numpy(), obs, None if library is None else library[sl])
@@ -394,7 +405,7 @@ class CellSampler:
                     x0 = bank_x[pick]
                 one = (np.zeros(m, dtype=object), {0: np.asarray(offset, dtype=np.float32)})  # one batch: its mean
                 x = self._transport(x0, self._condition(label, dose, x0, cov, one), cov_idx, steps, method,
-                                    cfg_scale, batch_size)
+                                    cfg_scale, batch_size, gate=self._velocity_gate(label, dose))
                 if self.config.centred:  # the model's cells are relative to their batch's controls
                     x = x + offset
                 library = None if pick is None or self.model.bank_library is None else self.model.bank_library[pick]
@@ -404,6 +415,11 @@ class CellSampler:
             writer.abort()
             raise
         return writer.finish()
+
+
+def _scaled(v, factor: float):
+    """The velocity function ``v`` times ``factor``."""
+    return lambda x, t: factor * v(x, t)
 
 
 def _conditioning(pert: tuple[np.ndarray, np.ndarray, np.ndarray], cov: torch.Tensor, drop: bool = False) -> dict:

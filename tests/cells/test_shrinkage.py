@@ -77,3 +77,48 @@ def test_unknown_shrinkage_is_named():
         CellDiTConfig(perturbation_key="p", control="c", anchor_shrinkage="foo")
     with pytest.raises(ValueError, match="shrinkage_gate"):
         CellDiTConfig(perturbation_key="p", control="c", shrinkage_gate=1.0)
+
+
+def test_noise_level_conditions_keep_their_shrunk_anchor_and_the_gate_is_saved(tmp_path):
+    """A clear knockout (P) and one without effect (Q): Q's gate is closed, and with
+    ``gate_velocity`` its network velocity is scaled by the gate (one Euler step: exactly),
+    P's is not; the gates survive save/load."""
+    import warnings
+
+    import torch
+    from conftest import make_adata
+
+    from celldit.cells import CellDiT
+
+    adata = make_adata({"control": 200, "P": 100, "Q": 100}, 12, space="log", level=2.0, spread=0.3, sparse=False,
+                       effects={"P": {0: 1.5, 1: -1.0}}, seed=1)
+    kw = dict(perturbation_key="perturbation", control="control", hidden_size=16, depth=1, num_heads=2,
+              perturbation_features=None, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        gated, plain = CellDiT(adata, **kw), CellDiT(adata, **kw, gate_velocity=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in gated.network.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    plain.network.load_state_dict(gated.network.state_dict())
+    t = gated.conditions
+    p_row, q_row = t.row((("P",), (1.0,))), t.row((("Q",), (1.0,)))
+    assert t.gates[p_row] == 1.0 and t.gates[q_row] < 0.5
+    ctrl = adata[adata.obs["perturbation"] == "control"][:50].copy()
+    start = ctrl.X + 0.0  # centred model: the input's own mean is removed and put back
+    outs = {}
+    for name, model in (("gated", gated), ("plain", plain)):
+        for label in ("P", "Q"):
+            outs[name, label] = model.counterfactual(ctrl, label, steps=1, method="euler", support="none").X
+    anchor_q = t.anchors[q_row]
+    moved_gated = outs["gated", "Q"] - start - anchor_q
+    moved_plain = outs["plain", "Q"] - start - anchor_q
+    assert np.abs(moved_plain).max() > 1e-3  # the jiggled network moves the cells
+    np.testing.assert_allclose(moved_gated, t.gates[q_row] * moved_plain, atol=1e-5)
+    np.testing.assert_allclose(outs["gated", "P"], outs["plain", "P"], atol=1e-6)
+    gated.save(tmp_path / "m")
+    back = CellDiT.load(tmp_path / "m")
+    np.testing.assert_allclose(back.conditions.gates, t.gates, rtol=1e-6)
+    np.testing.assert_allclose(back.counterfactual(ctrl, "Q", steps=1, method="euler", support="none").X,
+                               outs["gated", "Q"], atol=1e-5)
