@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from ..data.rows import ExpressionRows, counts_source, select_genes
+from ..data.rows import ExpressionRows, counts_source, group_sums, select_genes
 from ..data.spec import PerturbationSpec
 from ..tokenizers import modules_from_correlation, modules_from_gene_sets, modules_from_labels
 from ..tokenizers.gene import default_latent_tokens
@@ -101,7 +101,8 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
                      "basis_genes": counts_source(adata, config.layer)[1] if expr.basis["kind"] == "total_counts"
                      else None}
     ctrl = spec.control_mask(adata)
-    reference = torch.from_numpy(expr.all_rows(np.flatnonzero(ctrl)).mean(0))
+    sums, sizes = group_sums(expr, np.where(ctrl, 0, -1), 1)  # chunked: controls are never all dense at once
+    reference = torch.from_numpy((sums[0] / max(sizes[0], 1)).astype(np.float32))
     rows = centred_rows(expr, adata, ctrl, list(config.pair_keys)) if config.centred else expr
     if not config.pair_keys:
         warn_batch_columns(adata, spec, expr, ctrl, config.seed)
@@ -178,16 +179,13 @@ def centred_rows(expr: ExpressionRows, adata: AnnData, ctrl: np.ndarray, keys: l
     one batch, the whole data)."""
     batch = group_codes(adata.obs[keys].astype(str)) if keys else np.zeros(adata.n_obs, np.int64)
     values = adata.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys else np.full(adata.n_obs, "all")
-    centers = []
-    for b in range(batch.max() + 1):
-        rows = np.flatnonzero((batch == b) & ctrl)
-        if rows.size == 0:
-            raise ValueError(f"batch {values[batch == b][0]!r} of pair_keys {keys} ({int((batch == b).sum())} cells) "
-                             "has no control cells, so its cells can be neither centred on nor paired with "
-                             "controls of their batch; drop those cells, or leave that column out of pair_keys "
-                             "(--pair-keys)")
-        centers.append(expr.all_rows(rows).mean(0))
-    return CenteredRows(expr, np.stack(centers), batch)
+    sums, sizes = group_sums(expr, np.where(ctrl, batch, -1), int(batch.max()) + 1)  # one chunked pass
+    for b in np.flatnonzero(sizes == 0):
+        raise ValueError(f"batch {values[batch == b][0]!r} of pair_keys {keys} ({int((batch == b).sum())} cells) "
+                         "has no control cells, so its cells can be neither centred on nor paired with "
+                         "controls of their batch; drop those cells, or leave that column out of pair_keys "
+                         "(--pair-keys)")
+    return CenteredRows(expr, (sums / sizes[:, None]).astype(np.float32), batch)
 
 
 def warn_batch_columns(adata: AnnData, spec: PerturbationSpec, expr: ExpressionRows, ctrl: np.ndarray,
