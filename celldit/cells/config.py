@@ -122,7 +122,7 @@ class CellDiTConfig:
         noise-level ones), so that the flow reshapes only conditions with evidence of an
         effect instead of adding its fit of their training noise.
     batch_anchors
-        With ``pair_keys`` and no covariates: each batch (e.g. a replicate) keeps its own shift
+        Control source, with ``pair_keys`` and no covariates: each batch (e.g. a replicate) keeps its own shift
         of each condition. A training block starts from its batch's shift, and new cells from
         the batches' shifts weighted by how alike each batch's mean control cell is to theirs
         (the kernel of :class:`~celldit.cells.anchors.ConditionTable`). Replicates of a screen
@@ -251,8 +251,9 @@ class CellDiTConfig:
 
     @property
     def batch_anchored(self) -> bool:
-        """Whether anchors are per batch of ``pair_keys`` (see ``batch_anchors``)."""
-        return self.anchor and self.batch_anchors and bool(self.pair_keys) and not self.covariate_keys
+        """Whether anchors are per batch of ``pair_keys`` (see ``batch_anchors``; control source)."""
+        return (self.anchor and self.batch_anchors and bool(self.pair_keys) and not self.covariate_keys
+                and self.source == "control")
 
     def replace(self, **changes: Any) -> CellDiTConfig:
         """A copy with some fields changed (checked like a new one)."""

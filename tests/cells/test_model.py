@@ -357,6 +357,11 @@ def test_batch_anchors_weigh_the_batches_alike_to_the_new_one():
     model = build(train, pair_keys=["batch"])
     shift = counterfactual(model, new, "P").X.mean(0) - new.X.mean(0)
     np.testing.assert_allclose(shift[SHIFTED], want, atol=0.03)
+    noise = build(train, pair_keys=["batch"], source="noise")  # the noise prior keeps one anchor per condition
+    assert not noise.config.batch_anchored
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        noise.fit(max_steps=2, batch_size=32, trainer={"progress_bar": False, "logger": None})
     plain = build(train, pair_keys=["batch"], batch_anchors=False)
     shift = counterfactual(plain, new, "P").X.mean(0) - new.X.mean(0)
     np.testing.assert_allclose(shift[SHIFTED], 1.0, atol=0.03)
