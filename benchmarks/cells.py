@@ -225,8 +225,8 @@ def papalexi_unseen(data: Path, args) -> dict:
     summary = summarize(table)
     out["metrics"] = {m: {k: None if summary[m][k] is None else round(float(summary[m][k]), 4) for k in METRICS}
                       for m in ("model", "train_mean", "linear", "no_change")}
-    out["per_condition"] = table.pivot_table(index="perturbation", columns="method",
-                                             values=["pearson_delta_de20", "edistance"]).round(4).to_dict()
+    out["per_condition"] = {k: table.pivot_table(index="perturbation", columns="method", values=k).round(4).to_dict()
+                            for k in ("pearson_delta_de20", "edistance")}
     return out
 
 

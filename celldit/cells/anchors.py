@@ -80,6 +80,10 @@ class ConditionTable:
     def row(self, key: ConditionKey) -> int | None:
         return self._row.get(key)
 
+    def single_rows(self) -> dict[int, str]:
+        """``{row: name}`` of the trained single-perturbation conditions."""
+        return {i: k[0][0] for k, i in self._row.items() if len(k[0]) == 1}
+
     def group_weighted_anchor(self, row: int, control_mean: np.ndarray | None,
                               exclude: int | None = None) -> np.ndarray:
         """Anchor of condition ``row`` for cells of mean ``control_mean`` in a covariate
@@ -108,12 +112,15 @@ class ConditionTable:
             return None
         return self.group_weighted_anchor(row, self.group_controls.get(group), exclude=group)
 
-    def anchor(self, key: ConditionKey, control_mean: np.ndarray | None = None) -> np.ndarray:
+    def anchor(self, key: ConditionKey, control_mean: np.ndarray | None = None,
+               neighbours=None) -> np.ndarray:
         """Anchor of any condition: its own when trained; else the sum of its members'
         single anchors (the additive estimate), each taken at the nearest trained dose and
-        scaled linearly by dose; members never trained add nothing. With ``control_mean``
-        (cells of a covariate group never trained with the condition), trained anchors are
-        group-weighted (see the class notes)."""
+        scaled linearly by dose. A member never trained gets ``neighbours(name) -> {row:
+        weight}`` (trained conditions alike to it, e.g. by prior features), the weighted mean
+        of their anchors; without it, it adds nothing. With ``control_mean`` (cells of a
+        covariate group never trained with the condition), trained anchors are group-weighted
+        (see the class notes)."""
 
         def own(row: int) -> np.ndarray:
             return self.anchors[row] if control_mean is None else self.group_weighted_anchor(row, control_mean)
@@ -125,6 +132,8 @@ class ConditionTable:
         for name, dose in zip(*key):
             singles = [(k[1][0], i) for k, i in self._row.items() if k[0] == (name,)]
             if not singles:
+                for i, w in (neighbours(name) if neighbours is not None else {}).items():
+                    total += w * own(i)
                 continue
             ref, i = min(singles, key=lambda s: abs(s[0] - dose))
             total += own(i) * (dose / ref if ref else 1.0)

@@ -69,18 +69,39 @@ class CellSampler:
         n = x.shape[0]
         if not self.config.anchor:
             return pert_idx, pert_scale, np.zeros((n, len(self.genes)), np.float32)
-        anchors = np.repeat(self.conditions.anchor(key)[None], n, axis=0)
+        anchors = np.repeat(self.conditions.anchor(key, neighbours=self._prior_neighbours)[None], n, axis=0)
         if self.config.batch_anchored and batches is not None:
             labels, means = batches
             for b, mean in means.items():
-                anchors[labels == b] = self.conditions.anchor(key, mean)
+                anchors[labels == b] = self.conditions.anchor(key, mean, neighbours=self._prior_neighbours)
         unseen = self._unseen_groups(label, dose, cov)
         if unseen.any():
             groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
             for g in np.unique(groups[unseen]):
                 rows = np.flatnonzero(groups == g)
-                anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy())
+                anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy(), neighbours=self._prior_neighbours)
         return pert_idx, pert_scale, anchors
+
+    def _prior_neighbours(self, name: str) -> dict[int, float]:
+        """``{condition row: weight}`` for a perturbation never trained: the trained single
+        perturbations with prior features, weighted by ``exp(-|f - f_j|^2 / h)`` (``h`` the
+        median squared distance between the trained ones' features, the rule of the
+        group-weighted anchor); empty without prior features for ``name``."""
+        enc = self.network.encoder
+        index = {p: i for i, p in enumerate(self.vocab.perturbations)}
+        if name not in index or not bool(enc.has_prior[index[name]]):
+            return {}
+        rows = {i: index[p] for i, p in self.conditions.single_rows().items()
+                if p in index and bool(enc.has_prior[index[p]])}
+        if not rows:
+            return {}
+        feats = enc.prior.detach().cpu().numpy().astype(np.float64)
+        trained = feats[list(rows.values())]
+        d2 = ((trained - feats[index[name]]) ** 2).sum(1)
+        pair = ((trained[:, None] - trained[None]) ** 2).sum(-1)[np.triu_indices(len(trained), 1)]
+        h = float(np.median(pair)) if pair.size and np.median(pair) > 0 else 1.0
+        w = np.exp(-(d2 - d2.min()) / h)
+        return {r: float(v) for r, v in zip(rows, w / w.sum())}
 
     def _velocity_gate(self, label: str, dose: Any) -> float:
         """The factor of the network's velocity for a condition: its shrinkage gate with

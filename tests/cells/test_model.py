@@ -261,6 +261,27 @@ def test_unseen_perturbation_with_user_prior_features():
         model.counterfactual(ctrl, "ELSEWHERE")
 
 
+def test_unseen_perturbation_borrows_the_anchors_of_perturbations_alike():
+    """A (+1 on genes 0-3) and B (-1 on genes 4-7) trained; NEW's prior features lie near
+    A's. The untrained model's NEW anchor is the kernel mean of A's and B's anchors:
+    weights exp(-(d2 - d2_min) / h), h = |f_A - f_B|^2 (median of one pair)."""
+    from conftest import make_adata
+
+    adata = make_adata({"control": 200, "A": 150, "B": 150}, 12, space="log", level=3.0, spread=0.2, sparse=False,
+                       effects={"A": {g: 1.0 for g in range(4)}, "B": {g: -1.0 for g in range(4, 8)}}, seed=2)
+    table = pd.DataFrame([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]], index=["A", "B", "NEW"])
+    model = build(adata, perturbation_features=table)
+    ctrl = adata[adata.obs["perturbation"] == "control"].copy()
+    shift = counterfactual(model, ctrl, "NEW", support="none").X.mean(0) - ctrl.X.mean(0)
+    d2 = np.array([0.02, 1.62])
+    w = np.exp(-(d2 - d2.min()) / 2.0)
+    w /= w.sum()
+    a, b = (model.conditions.anchors[model.conditions.row(((k,), (1.0,)))] for k in ("A", "B"))
+    np.testing.assert_allclose(shift, w[0] * a + w[1] * b, atol=1e-4)
+    np.testing.assert_allclose(shift[:4], w[0], atol=0.1)
+    np.testing.assert_allclose(shift[4:8], -w[1], atol=0.1)
+
+
 # -- results -----------------------------------------------------------------------------------
 def test_results_anndata_and_anchors_within_covariates():
     adata = counts_adata()
