@@ -54,7 +54,10 @@ def read_cells(path: str | Path, what: str = "DATA", backed: bool = False) -> An
             return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
         return _open_zarr(path) if backed else ad.read_zarr(path)
     except Exception as err:  # noqa: BLE001 - any reader failure is a bad input file
-        raise ValueError(f"{what} {str(path)!r} is not a readable {kind}: {' '.join(str(err).split())}") from None
+        reason = " ".join(str(err).split())
+        if "unable to lock file" in reason:  # HDF5's lock: another process has it open for writing
+            reason = "another process has it open for writing (close it there first); " + reason
+        raise ValueError(f"{what} {str(path)!r} is not a readable {kind}: {reason}") from None
 
 
 def _open_zarr(path: Path) -> AnnData:
