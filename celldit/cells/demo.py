@@ -102,7 +102,7 @@ def format_table(summary: dict[str, Any], metrics: tuple[str, ...] = TABLE_METRI
 
 
 def run_demo(out_dir: str | Path, max_steps: int | None = None, quick: bool = False, threads: int | None = 1,
-             progress_bar: bool = True, log: TextIO | None = None) -> DemoResult:
+             progress_bar: bool | None = None, log: TextIO | None = None) -> DemoResult:
     """Run the demo into ``out_dir`` (created; an existing non-empty folder is an error).
 
     Parameters
@@ -119,7 +119,8 @@ def run_demo(out_dir: str | Path, max_steps: int | None = None, quick: bool = Fa
         torch and BLAS CPU threads (None: leave unchanged). One is as fast as two for these
         small models and does not stall when another process holds a core.
     progress_bar
-        Show Lightning's progress bar while training.
+        Show Lightning's progress bar while training (None: when stderr is a terminal; else a
+        loss line every few steps, readable in a log file).
     log
         Stream of the progress messages (default stderr).
     """

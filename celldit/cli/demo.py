@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cells.demo import format_table, run_demo
 
     result = run_demo(args.out, max_steps=args.max_steps, quick=args.quick, threads=args.threads or None,
-                      progress_bar=not args.no_progress_bar, log=sys.stderr)
+                      progress_bar=False if args.no_progress_bar else None, log=sys.stderr)
     n = result.summary["n_conditions"]
     print(f"Papalexi 2021, held-out replicate rep_3: {n} perturbations, mean over perturbations "
           "(pearson: higher is better; mse, edistance: lower is better)")
