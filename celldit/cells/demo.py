@@ -56,7 +56,7 @@ BASELINES = ("no_change", "train_mean", "mean_shift", "linear")
 MIN_CELLS = 40  # score the perturbations with at least this many rep_3 cells (the DESIGN protocol)
 #: rep_3 control cells carried to each perturbation (None: all 666, the DESIGN protocol).
 #: The evaluation draws 300 predicted cells with replacement, so a smaller source set is not
-#: free: with 300 sources the default model scored E-distance 0.316 instead of 0.297.
+#: free: with 300 sources an earlier default model scored E-distance 0.316 instead of 0.297.
 N_CONTROLS: int | None = None
 MAX_CELLS = 300  # cells a side in the distribution metrics (the DESIGN protocol)
 TABLE_METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "edistance")
