@@ -64,7 +64,7 @@ class GeneTokenizer(CellTokenizer):
             self.latents = nn.Parameter(torch.empty(latent_tokens, D))  # (L, D) the read-in queries
             self.read_q, self.read_kv, self.read_proj = nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, D)
             self.out_q, self.out_kv = nn.Linear(D, D), nn.Linear(D, 2 * D)
-            self.out = nn.Linear(D, 1)  # per gene velocity; zero at start (adaLN-Zero)
+            self.out = nn.Linear(D, 1)  # per gene velocity (zero at start through the zero final layer)
         self.reset_parameters()
 
     @property
@@ -75,12 +75,13 @@ class GeneTokenizer(CellTokenizer):
 
     def reset_parameters(self) -> None:
         """N(0, 0.02) gene embeddings and latents (like DiT's label table); the linears keep
-        the Xavier init DiT gives every linear, except the read-out, which starts at zero so
-        that an untrained model predicts exactly zero."""
+        the Xavier init DiT gives every linear. An untrained model still predicts exactly zero:
+        the backbone's final layer starts at zero, so the read-out attends to zero values and
+        adds a zero bias. The read-out weight must *not* start at zero too: a product of two
+        zero-initialised factors has zero gradient in both, and the flow would never learn."""
         nn.init.normal_(self.gene_embedding.weight, std=0.02)
         if self.latent_tokens is not None:
             nn.init.normal_(self.latents, std=0.02)
-            nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:

@@ -287,3 +287,6 @@ def test_tokenizers_inside_dit(name):
     opt.step()
     out = model(x, t)
     assert torch.isfinite(out).all() and out.abs().max() > 0
+    # the step reached the path through the backbone, not only a bias: outputs differ between cells
+    # (two zero-initialised factors in series would leave both without gradient)
+    assert out.std(dim=0).max() > 1e-6
