@@ -64,7 +64,10 @@ class GeneTokenizer(CellTokenizer):
             self.latents = nn.Parameter(torch.empty(latent_tokens, D))  # (L, D) the read-in queries
             self.read_q, self.read_kv, self.read_proj = nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, D)
             self.out_q, self.out_kv = nn.Linear(D, D), nn.Linear(D, 2 * D)
-            self.out = nn.Linear(D, 1)  # per gene velocity (zero at start through the zero final layer)
+            # each gene's own linear read-out of what it gathered (G, D): distinct per gene even while the
+            # read-out attention is still near uniform (small gene embeddings), as the module tokenizer's maps are
+            self.out_weight = nn.Parameter(torch.empty(n_genes, D))
+            self.out_bias = nn.Parameter(torch.zeros(n_genes))
         self.reset_parameters()
 
     @property
@@ -75,14 +78,17 @@ class GeneTokenizer(CellTokenizer):
 
     def reset_parameters(self) -> None:
         """N(0, 0.02) gene embeddings and latents (like DiT's label table); the linears keep
-        the Xavier init DiT gives every linear. An untrained model still predicts exactly zero:
-        the backbone's final layer starts at zero, so the read-out attends to zero values and
-        adds a zero bias. The read-out weight must *not* start at zero too: a product of two
-        zero-initialised factors has zero gradient in both, and the flow would never learn."""
+        the Xavier init DiT gives every linear, and the per-gene read-out its own Xavier scale. An
+        untrained model still predicts exactly zero: the backbone's final layer starts at zero,
+        so the read-out gathers zero values and adds a zero bias. The read-out weight must *not*
+        start at zero too: a product of two zero-initialised factors has zero gradient in both,
+        and the flow would never learn."""
         nn.init.normal_(self.gene_embedding.weight, std=0.02)
         if self.latent_tokens is not None:
             nn.init.normal_(self.latents, std=0.02)
-            nn.init.zeros_(self.out.bias)
+            bound = math.sqrt(6.0 / (self.hidden_size + 1))  # Xavier-uniform of a (D -> 1) linear, per gene
+            nn.init.uniform_(self.out_weight, -bound, bound)
+            nn.init.zeros_(self.out_bias)
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """Multi-head attention of queries (B, Nq, D) to keys/values (B, Nk, 2D) -> (B, Nq, D)."""
@@ -106,7 +112,8 @@ class GeneTokenizer(CellTokenizer):
             return tokens[..., 0]
         B = tokens.shape[0]
         q = self.out_q(self.gene_embedding.weight).expand(B, -1, -1)  # (B, G, D)
-        return self.out(self._attend(q, self.out_kv(tokens)))[..., 0]
+        gathered = self._attend(q, self.out_kv(tokens))  # (B, G, D)
+        return (gathered * self.out_weight).sum(-1) + self.out_bias  # (B, G)
 
     def fixed_positions(self) -> None:
         return None

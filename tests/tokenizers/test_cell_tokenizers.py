@@ -234,9 +234,9 @@ def test_gene_latents_read_every_gene_and_cost_grows_linearly():
     x2 = x.clone()
     x2[:, 17] += 2.0
     assert (tok.encode(x2) != z).all(-1).all()  # a single gene reaches every latent
-    torch.nn.init.normal_(tok.out.weight)
     out = tok.decode(torch.randn(3, 4, 16))
     assert out.shape == (3, 50) and torch.isfinite(out).all()
+    assert out.std(dim=1).min() > 1e-3  # each gene its own read-out, even with near-uniform attention
     assert GeneTokenizer(**tok.config).config == tok.config
     with pytest.raises(ValueError, match="latent_tokens=0"):
         GeneTokenizer(10, 16, latent_tokens=0)
