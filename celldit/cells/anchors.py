@@ -212,30 +212,36 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
     groups = np.asarray(groups, dtype=np.int64)
     n_groups = int(groups.max()) + 1 if groups.size else 1
     pair = np.where(cond_id == 0, groups, -1) if not anchored else cond_id * n_groups + groups
-    sums, sizes, squares = group_sums(rows, pair, (len(uniq) if anchored else 1) * n_groups, squares=True)
-    means = {(int(p) // n_groups, int(p) % n_groups): (sums[p] / sizes[p]).astype(np.float32)
-             for p in np.flatnonzero(sizes)}
-    # squared standard error of each (condition, group) mean: sample variance / n (inf for one cell)
-    se2_of = {(int(p) // n_groups, int(p) % n_groups):
-              np.maximum(squares[p] - sums[p] ** 2 / sizes[p], 0.0) / (sizes[p] - 1) / sizes[p]
-              if sizes[p] > 1 else np.full(n_genes, np.inf) for p in np.flatnonzero(sizes)}
-    ctrl_means = {g: m for (r, g), m in means.items() if r == 0}
+    shrink = anchored and shrinkage is not None
+    sums, sizes, *squares = group_sums(rows, pair, (len(uniq) if anchored else 1) * n_groups, squares=shrink)
+    means_of: dict[int, dict[int, np.ndarray]] = {}  # condition row -> {group: mean}
+    for p in np.flatnonzero(sizes):
+        means_of.setdefault(int(p) // n_groups, {})[int(p) % n_groups] = (sums[p] / sizes[p]).astype(np.float32)
+
+    def se2_of(row: int, g: int) -> np.ndarray:
+        """Squared standard error of a (condition, group) mean: sample variance / n (inf for one cell)."""
+        p = row * n_groups + g
+        if sizes[p] < 2:
+            return np.full(n_genes, np.inf)
+        return np.maximum(squares[0][p] - sums[p] ** 2 / sizes[p], 0.0) / (sizes[p] - 1) / sizes[p]
+
+    ctrl_means = means_of.get(0, {})
     se2 = np.full((len(uniq), n_genes), np.inf)
     if anchored:
         for row in range(1, len(uniq)):
-            mine = {g: m - ctrl_means[g] for (r, g), m in sorted(means.items()) if r == row and g in ctrl_means}
+            mine = {g: m - ctrl_means[g] for g, m in sorted(means_of.get(row, {}).items()) if g in ctrl_means}
             if mine:
                 anchors[row] = np.mean(list(mine.values()), axis=0)
-                # the anchor averages the groups' shifts: its variance is the mean of theirs / m
-                se2[row] = sum(se2_of[(row, g)] + se2_of[(0, g)] for g in mine) / len(mine) ** 2
+                if shrink:  # the anchor averages the groups' shifts: its variance is the mean of theirs / m
+                    se2[row] = sum(se2_of(row, g) + se2_of(0, g) for g in mine) / len(mine) ** 2
             if len(mine) > 1:  # with one group its shift is the anchor, in every group
                 shifts.update({(row, g): v for g, v in mine.items()})
     gates = np.ones(len(uniq))
-    if anchored and shrinkage is not None and len(uniq) > 1:
+    if shrink and len(uniq) > 1:
         from .shrinkage import empirical_bayes, shrink_group_shift, shrink_shifts
 
         raw = anchors[1:].astype(np.float64)
         anchors[1:], gates[1:], mix = shrink_shifts(raw, se2[1:], shrinkage, gate, floor)
-        eb = empirical_bayes(raw, np.where(np.isfinite(se2[1:]), se2[1:], 1e6))
+        eb = empirical_bayes(raw, se2[1:])
         shifts = {(r, g): shrink_group_shift(v, eb[r - 1], gates[r], mix[r - 1]) for (r, g), v in shifts.items()}
     return ConditionTable(uniq, anchors, shifts, ctrl_means, gates), cond_id

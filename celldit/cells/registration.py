@@ -117,9 +117,10 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
                                            floor=config.shrinkage_floor)
     if config.batch_anchored and isinstance(rows, CenteredRows):
         # batches are told apart by their *uncentred* mean control cells (centred ones are all ~0)
-        first = {int(g): i for i, g in reversed(list(enumerate(pair_group)))}
+        codes, first = np.unique(pair_group, return_index=True)  # a cell of each pairing group
+        batch_of = dict(zip(codes.tolist(), rows.batch[first].tolist()))
         table = ConditionTable(table.keys, table.anchors, table.group_shifts,
-                               {g: rows.centers[rows.batch[first[g]]] for g in table.group_controls}, table.gates)
+                               {g: rows.centers[batch_of[g]] for g in table.group_controls}, table.gates)
     cov_key = cov_frame.agg("\x1f".join, axis=1) if cov_frame.shape[1] else pd.Series("", index=cov_frame.index)
     trained_groups = sorted({f"{c}\x1e{g}" for c, g in zip(cond_id, cov_key)})
     ctrl_rows = np.flatnonzero(cond_id == 0)

@@ -34,7 +34,9 @@ def gate_factors(shifts: np.ndarray, se2: np.ndarray, gate: float = 2.0, floor: 
 
 
 def empirical_bayes(shifts: np.ndarray, se2: np.ndarray) -> np.ndarray:
-    """(R, G) per-gene posterior means of shifts (R, G) (see the module notes)."""
+    """(R, G) per-gene posterior means of shifts (R, G) (see the module notes; a non-finite
+    standard error counts as a very large one)."""
+    se2 = _finite(se2)
     tau2 = np.maximum(0.0, (shifts ** 2).mean(0) - se2.mean(0))
     return shifts * tau2 / (tau2 + se2 + 1e-12)
 
@@ -69,7 +71,7 @@ def shrink_shifts(shifts: np.ndarray, se2: np.ndarray, method: str | None = "hyb
     if method not in SHRINKAGE:
         raise ValueError(f"anchor_shrinkage={method!r}: use one of {SHRINKAGE}")
     d = np.asarray(shifts, np.float64)
-    se2 = np.where(np.isfinite(se2), np.asarray(se2, np.float64), 1e6)
+    se2 = _finite(se2)
     ones = np.ones(len(d))
     if method is None or len(d) == 0:
         return d.astype(np.float32), ones, ones
@@ -87,3 +89,9 @@ def shrink_group_shift(v: np.ndarray, eb_anchor: np.ndarray, factor: float, mix:
     """A covariate group's own shift ``v`` shrunk like its condition's anchor: any weighting of
     the groups then gives ``factor * (mix * weighted shift + (1 - mix) * eb_anchor)``."""
     return (factor * (mix * v + (1 - mix) * eb_anchor)).astype(np.float32)
+
+
+def _finite(se2: np.ndarray) -> np.ndarray:
+    """Squared standard errors with unknown ones (``inf``: a single cell) set very large."""
+    se2 = np.asarray(se2, np.float64)
+    return np.where(np.isfinite(se2), se2, 1e6)
