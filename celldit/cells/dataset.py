@@ -63,8 +63,9 @@ class PairedBatches(IterableDataset):
 
     Batch ``i`` of an epoch is drawn from its own random stream, seeded by ``(seed, epoch,
     rank, i)``: the same batches whatever the number of DataLoader workers (worker ``w`` of
-    ``W`` builds the batches ``i = w mod W``), distinct batches on every DDP rank, and a
-    resumed run continues at its step without replaying the draws.
+    ``W`` builds the batches ``i = w mod W``; from a disk buffer, the runs of batches of the
+    buffers ``b = w mod W``, so that no two workers read the same buffer), distinct batches
+    on every DDP rank, and a resumed run continues at its step without replaying the draws.
 
     Parameters
     ----------
@@ -221,7 +222,9 @@ class PairedBatches(IterableDataset):
         epoch = self.epoch
         self.epoch += 0 if self.fixed else 1
         for i in range(self.start_step, self.steps):
-            if i % n_workers != worker:
+            # round robin over workers; from a disk buffer, whole runs of a buffer's batches, so
+            # that each worker reads its own buffers (not every worker every buffer)
+            if (i // self.buffer_steps if self.buffer_cells else i) % n_workers != worker:
                 continue
             if self.buffer_cells:
                 self._use_buffer(i, worker)

@@ -29,6 +29,7 @@ from anndata import AnnData
 from ..data.rows import ExpressionRows
 from ..flow import anchored_source, integrate, velocity_fn
 from ..io import physical_memory
+from .borrowing import PriorBorrowing
 from .config import SamplerConfig
 from .outputs import OutputWriter
 from .vocab import parse_condition
@@ -82,33 +83,57 @@ class CellSampler:
                 anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy(), neighbours=self._prior_neighbours)
         return pert_idx, pert_scale, anchors
 
+    def _borrowing(self) -> tuple[PriorBorrowing | None, dict[int, int], dict[str, int]]:
+        """The borrowing kernel over the trained single perturbations (fitted once, by
+        leave-one-out on those with prior features: see :mod:`celldit.cells.borrowing`),
+        ``{condition row: vocabulary index}`` of them, and the vocabulary index of every
+        perturbation."""
+        if not hasattr(self, "_borrow"):
+            enc = self.network.encoder
+            index = {p: i for i, p in enumerate(self.vocab.perturbations)}
+            rows = {i: index[p] for i, p in self.conditions.single_rows().items() if p in index}
+            has = np.array([bool(enc.has_prior[v]) for v in rows.values()], dtype=bool)
+            borrow = None
+            if has.any():
+                feats = enc.prior.detach().cpu().numpy()
+                gates = self.conditions.gates if self.conditions.gates is not None else np.ones(len(self.conditions.keys))
+                borrow = PriorBorrowing(feats[list(rows.values())], has, self.conditions.anchors[list(rows)],
+                                        np.asarray(gates)[list(rows)])
+            self._borrow = (borrow, rows, index)
+        return self._borrow
+
+    def _prior_feature(self, name: str) -> np.ndarray | None:
+        enc = self.network.encoder
+        _, _, index = self._borrowing()
+        if name not in index or not bool(enc.has_prior[index[name]]):
+            return None
+        return enc.prior[index[name]].detach().cpu().numpy()
+
     def _prior_neighbours(self, name: str) -> dict[int, float]:
         """``{condition row: weight}`` for a perturbation never trained: the trained single
-        perturbations with prior features, weighted by ``exp(-|f - f_j|^2 / h)`` (``h`` the
-        median squared distance between the trained ones' features, the rule of the
-        group-weighted anchor); empty without prior features for ``name``."""
-        enc = self.network.encoder
-        index = {p: i for i, p in enumerate(self.vocab.perturbations)}
-        if name not in index or not bool(enc.has_prior[index[name]]):
+        perturbations weighted by the leave-one-out-fitted kernel on prior features (or all
+        alike, when the features predict nothing better; the weights sum to its scale in
+        [0, 1]); empty without prior features for ``name``."""
+        borrow, rows, _ = self._borrowing()
+        feature = self._prior_feature(name)
+        if borrow is None or feature is None:
             return {}
-        rows = {i: index[p] for i, p in self.conditions.single_rows().items()
-                if p in index and bool(enc.has_prior[index[p]])}
-        if not rows:
-            return {}
-        feats = enc.prior.detach().cpu().numpy().astype(np.float64)
-        trained = feats[list(rows.values())]
-        d2 = ((trained - feats[index[name]]) ** 2).sum(1)
-        pair = ((trained[:, None] - trained[None]) ** 2).sum(-1)[np.triu_indices(len(trained), 1)]
-        h = float(np.median(pair)) if pair.size and np.median(pair) > 0 else 1.0
-        w = np.exp(-(d2 - d2.min()) / h)
-        return {r: float(v) for r, v in zip(rows, w / w.sum())}
+        return {r: float(v) for r, v in zip(rows, borrow.weights(feature))}
 
     def _velocity_gate(self, label: str, dose: Any) -> float:
         """The factor of the network's velocity for a condition: its shrinkage gate with
-        ``gate_velocity`` and a control source (a noise source must move noise to cells), else 1."""
+        ``gate_velocity`` and a control source (a noise source must move noise to cells), else 1.
+        An untrained single perturbation with prior features gets its borrowed gate."""
         if not (self.config.gate_velocity and self.config.source == "control" and self.config.anchor):
             return 1.0
-        return self.conditions.gate(parse_condition(str(label), dose, self.spec))
+        key = parse_condition(str(label), dose, self.spec)
+        if self.conditions.row(key) is None and len(key[0]) == 1 \
+                and not any(k[0] == key[0] for k in self.conditions.keys):
+            borrow, _, _ = self._borrowing()
+            feature = self._prior_feature(key[0][0])
+            if borrow is not None and feature is not None:
+                return borrow.gate(feature)
+        return self.conditions.gate(key)
 
     def _solver(self, steps: int | None, method: str | None) -> tuple[str, int]:
         m, s = self.config.sampler.solver(self.config.source)

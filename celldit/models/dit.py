@@ -231,7 +231,7 @@ class DiT(nn.Module):
             else:
                 h = block(h, c, context, context_mask)
         h = self.final_layer(h, c)  # (B, N, token_out_dim)
-        return self.x_embedder.decode(h)
+        return self.x_embedder.decode(h, x)
 
 
 #################################################################################

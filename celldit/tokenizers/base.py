@@ -32,8 +32,10 @@ class Tokenizer(nn.Module):
         """Input batch -> tokens (B, N, hidden_size), positions not included."""
         raise NotImplementedError
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Backbone output (B, N, token_out_dim) -> output in the input's layout."""
+    def decode(self, tokens: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Backbone output (B, N, token_out_dim) -> output in the input's layout. ``x`` is the
+        input the tokens came from (a tokenizer whose tokens are fewer than the input's
+        elements may read it out per element; most ignore it)."""
         raise NotImplementedError
 
     def fixed_positions(self) -> torch.Tensor | None:

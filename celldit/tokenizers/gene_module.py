@@ -111,7 +111,7 @@ class GeneModuleTokenizer(CellTokenizer):
         xm = x[:, self.index].masked_fill(~self.mask, 0.0)  # (B, M, S)
         return torch.einsum("bms,msd->bmd", xm, self.weight) + self.module_embedding  # (B, M, D)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """(B, M, S) -> (B, G): each gene reads its module's slot; padded slots are dropped."""
         return tokens.reshape(len(tokens), -1)[:, self.gene_pos]
 

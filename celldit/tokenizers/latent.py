@@ -112,7 +112,7 @@ class LatentTokenizer(CellTokenizer):
         z = nn.functional.pad(z, (0, pad)).reshape(len(z), self.num_tokens, self.token_dim)  # (B, N, d)
         return torch.einsum("bnd,ndh->bnh", z, self.weight) + self.token_embedding  # (B, N, D)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, token_dim) -> (B, G) gene-space velocity in the codec's subspace."""
         self._check_fitted()
         dz = tokens.reshape(len(tokens), -1)[:, : self.latent_dim]  # (B, k), padding dropped

@@ -69,7 +69,7 @@ class PatchTokenizer(Tokenizer):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, p*p*C_out) -> (B, C_out, H, W)."""
         B = tokens.shape[0]
         g, p, c = self.grid_size, self.patch_size, self.out_channels

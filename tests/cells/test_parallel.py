@@ -80,6 +80,39 @@ def test_backed_training_reads_a_buffer_of_contiguous_chunks(tmp_path):
     backed.file.close()
 
 
+def test_workers_read_distinct_disk_buffers_and_build_the_same_batches(tmp_path, monkeypatch):
+    """From a disk buffer each worker takes whole runs of one buffer's batches (buffers
+    b = w mod W): no two workers read the same buffer, and the batches are those built alone."""
+    from types import SimpleNamespace
+
+    import celldit.cells.dataset as dataset
+
+    adata = make_adata({"control": 300, "P": 300}, 8, effects={"P": {0: 1.0}}, seed=2)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    cond = (adata.obs["perturbation"] == "P").to_numpy().astype(np.int64)
+    group = np.zeros(adata.n_obs, np.int64)
+
+    def make():
+        data = batches(ExpressionRows(backed, input_space="counts"), cond, group, buffer_cells=128, chunk_rows=32,
+                       steps=20, batch_size=64, block_size=8)
+        assert data.buffer_steps == 8  # buffers 0, 1, 2 hold batches 0-7, 8-15, 16-19
+        return data
+
+    alone = [b["x1"].numpy() for b in make()]
+    per_worker = {}
+    for w in (0, 1):
+        monkeypatch.setattr(dataset, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=2))
+        data, loads = make(), []
+        use = data._use_buffer
+        monkeypatch.setattr(data, "_use_buffer", lambda i, worker: (use(i, worker), loads.append(data._buffer_id)))
+        per_worker[w] = ([b["x1"].numpy() for b in data], sorted(set(loads)))
+    assert per_worker[0][1] == [0, 2] and per_worker[1][1] == [1]
+    for got, want in ((per_worker[0][0], alone[:8] + alone[16:]), (per_worker[1][0], alone[8:16])):
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    backed.file.close()
+
+
 class RecordCells(L.Callback):
     def __init__(self, folder):
         self.folder = folder

@@ -139,5 +139,8 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing(screen, tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
-            CellDiT(screen, **TINY).fit(max_steps=200, batch_size=64, lr=10.0, warmup_steps=0,
+            # deep enough that lr=10 without clipping overflows within a few steps on any CPU
+            # (a 1-block model's loss can peak at 1e13 and come back, finite, on some)
+            deep = {**TINY, "hidden_size": 64, "depth": 4}
+            CellDiT(screen, **deep).fit(max_steps=200, batch_size=64, lr=10.0, warmup_steps=0,
                                         trainer={**QUIET, "gradient_clip_val": None})

@@ -234,9 +234,15 @@ def test_gene_latents_read_every_gene_and_cost_grows_linearly():
     x2 = x.clone()
     x2[:, 17] += 2.0
     assert (tok.encode(x2) != z).all(-1).all()  # a single gene reaches every latent
-    out = tok.decode(torch.randn(3, 4, 16))
+    tokens = torch.randn(3, 4, 16)
+    out = tok.decode(tokens, x)
     assert out.shape == (3, 50) and torch.isfinite(out).all()
     assert out.std(dim=1).min() > 1e-3  # each gene its own read-out, even with near-uniform attention
+    # the same backbone output read out with gene 17's value changed: gene 17 alone moves
+    moved = (tok.decode(tokens, x2) != out).any(0)
+    assert moved.tolist() == [i == 17 for i in range(50)]
+    with pytest.raises(ValueError, match="needs the input x"):
+        tok.decode(tokens)
     assert GeneTokenizer(**tok.config).config == tok.config
     with pytest.raises(ValueError, match="latent_tokens=0"):
         GeneTokenizer(10, 16, latent_tokens=0)
