@@ -104,8 +104,12 @@ def test_workers_read_distinct_disk_buffers_and_build_the_same_batches(tmp_path,
     for w in (0, 1):
         monkeypatch.setattr(dataset, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=2))
         data, loads = make(), []
-        use = data._use_buffer
-        monkeypatch.setattr(data, "_use_buffer", lambda i, worker: (use(i, worker), loads.append(data._buffer_id)))
+
+        def use(i, worker, data=data, loads=loads, load=data._use_buffer):
+            load(i, worker)
+            loads.append(data._buffer_id)
+
+        monkeypatch.setattr(data, "_use_buffer", use)
         per_worker[w] = ([b["x1"].numpy() for b in data], sorted(set(loads)))
     assert per_worker[0][1] == [0, 2] and per_worker[1][1] == [1]
     for got, want in ((per_worker[0][0], alone[:8] + alone[16:]), (per_worker[1][0], alone[8:16])):
