@@ -7,10 +7,11 @@ the trained single perturbations' anchors,
 
 where the bandwidth ``h`` and the scale ``lam`` in [0, 1] are chosen by leave-one-out on
 the trained perturbations themselves: each trained anchor is predicted from the others, and
-(h, lam) minimise the squared error (the widest kernel within 1% of the least error wins). Features that predict the effects keep ``lam`` near 1
-and a narrow kernel; features that do not leave the mean effect of all trained perturbations (as the
-``train_mean`` baseline moves) shrunk toward no change (``lam`` near 0). Without that check a
-median-heuristic kernel lends a weak knockout the full effect of a strong neighbour.
+(h, lam) minimise the squared error (the widest kernel within 1% of the least error wins).
+Features that predict the effects keep ``lam`` near 1 and a narrow kernel; features that do
+not leave the mean effect of all trained perturbations (what the ``train_mean`` baseline
+moves by) shrunk toward no change (``lam`` near 0). Without that check a median-heuristic
+kernel lends a weak knockout the full effect of a strong neighbour.
 """
 
 from __future__ import annotations

@@ -127,8 +127,7 @@ class CellSampler:
         if not (self.config.gate_velocity and self.config.source == "control" and self.config.anchor):
             return 1.0
         key = parse_condition(str(label), dose, self.spec)
-        if self.conditions.row(key) is None and len(key[0]) == 1 \
-                and not any(k[0] == key[0] for k in self.conditions.keys):
+        if len(key[0]) == 1 and not any(k[0] == key[0] for k in self.conditions.keys):  # never trained
             borrow, _, _ = self._borrowing()
             feature = self._prior_feature(key[0][0])
             if borrow is not None and feature is not None:

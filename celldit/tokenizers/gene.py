@@ -27,7 +27,8 @@ class GeneTokenizer(CellTokenizer):
     (Perceiver IO, Jaegle et al. 2021) the gene tokens are *read* into L learned latent
     tokens by one cross-attention (the latents query the genes); the backbone works on the L
     latents, and each gene *reads out* its velocity by cross-attending from its identity
-    embedding and its own value to the backbone's L outputs. Cost O(G * L) per layer pair instead of O(G^2).
+    embedding and its own value to the backbone's L outputs. Cost O(G * L) per layer pair
+    instead of O(G^2).
 
     Parameters
     ----------
