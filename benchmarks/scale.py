@@ -79,13 +79,12 @@ def stage_construct(a) -> dict:
 
 
 def stage_data(a) -> dict:
-    from torch.utils.data import DataLoader
-
     from celldit.cells import CellFitConfig
+    from celldit.cells.dataset import batch_loader
 
     model = _model(a)
     train, _ = model._batches(CellFitConfig(max_steps=a.data_steps), 0)
-    loader = DataLoader(train, batch_size=None, num_workers=a.workers, prefetch_factor=4 if a.workers else None)
+    loader = batch_loader(train, a.workers)  # the training loop's loader
     t0, n, first = time.perf_counter(), 0, None
     for batch in loader:
         n += len(batch["x1"])

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.rows import ExpressionRows
-from ..flow.coupling import anchored_source, gaussian_source, ot_pair_blocks
+from ..flow.coupling import gaussian_source, ot_pair_blocks
 
 
 class CenteredRows:
@@ -268,37 +268,77 @@ class PairedBatches(IterableDataset):
         t_idx, cond = np.concatenate(tgt), np.concatenate(conds)
         x1 = self.expr.rows(t_idx)
         x0 = None if self.noise_prior is not None else self.expr.rows(np.concatenate(src))
-        cov_idx = self.cov_idx[t_idx].copy()
-        anchor = np.zeros_like(x1) if self.anchors is None else self.anchors[cond].copy()
-        start = 0
+        cov_idx = self.cov_idx[t_idx]  # fancy indexing: a copy, changed below
+        # each block's anchor: the condition's, its own batch's, or the one of a hidden covariate group
+        block_anchors, start = [], 0
         for block, stratum, own in zip(tgt, hidden, blocks):
             sl = slice(start, start + len(block))
             start += len(block)
-            if own in self.own_anchor:
-                anchor[sl] = self.own_anchor[own]
+            a = None if self.anchors is None else self.own_anchor.get(own, self.anchors[cond[sl.start]])
             if stratum >= 0:
                 cov_idx[sl] = self.unknown_cov
-                if stratum in self.hidden_anchor:  # the anchor of a group never trained with the condition
-                    anchor[sl] = self.hidden_anchor[stratum]
+                a = self.hidden_anchor.get(stratum, a)  # a group never trained with the condition
+            block_anchors.append((sl, a))
         if self.noise_prior is not None:
+            anchor = np.zeros_like(x1)
+            for sl, a in block_anchors:
+                if a is not None:
+                    anchor[sl] = a
             (eps_low, eps), = src
             x0 = gaussian_source(self.prior_means[self.cov_group[t_idx]] + anchor, *self.noise_prior, eps_low, eps)
             x0 = x0.astype(np.float32)
-        else:
-            x0 = anchored_source(x0, anchor)
+        else:  # anchored sources (anchored_source), added block by block in place
+            for sl, a in block_anchors:
+                if a is not None:
+                    x0[sl] += a
         if self.ot:
             x0 = ot_pair_blocks(x0, x1, [len(block) for block in tgt], self.ot_basis)
-        batch = {
-            "x1": torch.from_numpy(x1),
-            "source": torch.from_numpy(x0),
-            "pert_idx": torch.from_numpy(self.pert_idx[cond]),
-            "pert_scale": torch.from_numpy(self.pert_scale[cond]),
-            "cov_idx": torch.from_numpy(cov_idx),
-        }
+        batch = _as_tensors({"x1": x1, "source": x0, "pert_idx": self.pert_idx[cond],
+                             "pert_scale": self.pert_scale[cond], "cov_idx": cov_idx})
         if self.fixed:  # times on a grid, so that the score moves only with the model
             n = len(x1)
             batch["t"] = (torch.arange(n, dtype=torch.float32) + 0.5) / n
         return batch
+
+
+def _as_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The batch's arrays as tensors. In a DataLoader worker they are written into one block
+    of shared memory, each a contiguous view of it: handing the batch to the main process
+    then shares one block instead of one per tensor (each a new shared-memory file and a
+    file descriptor passed over an authenticated socket), which at 256 cells per batch cost
+    about as much as building the batch.
+    """
+    if get_worker_info() is None:
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+    offsets, nbytes = {}, 0
+    for k, a in sorted(arrays.items(), key=lambda kv: -kv[1].dtype.itemsize):  # widest first: aligned views
+        nbytes = -(-nbytes // a.dtype.itemsize) * a.dtype.itemsize
+        offsets[k], nbytes = nbytes, nbytes + a.nbytes
+    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+    out = {}
+    for k, a in arrays.items():
+        dtype = torch.from_numpy(a[:0]).dtype
+        view = torch.empty(0, dtype=dtype).set_(storage, offsets[k] // a.dtype.itemsize, a.shape)
+        view.numpy()[...] = a
+        out[k] = view
+    return out
+
+
+def _share_by_name(worker_id: int) -> None:
+    """Worker init: hand batches to the main process as named shared memory.
+
+    The default strategy passes a file descriptor per block over an authenticated socket,
+    served by a thread that takes the worker's GIL from the thread building batches; names
+    cost neither. Set in the worker only, so the main process's own setting is untouched.
+    """
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+def batch_loader(batches: PairedBatches, num_workers: int = 0) -> DataLoader:
+    """The DataLoader of training batches (already batched; ``num_workers`` build them)."""
+    return DataLoader(batches, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None,
+                      worker_init_fn=_share_by_name if num_workers else None)
 
 
 class CellDataModule(L.LightningDataModule):
@@ -319,8 +359,7 @@ class CellDataModule(L.LightningDataModule):
         if trainer is not None:
             self.train_set.start_step = int(trainer.global_step) * int(trainer.accumulate_grad_batches)
             self.train_set.rank = int(trainer.global_rank)  # each DDP rank draws its own batches
-        return DataLoader(self.train_set, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        return batch_loader(self.train_set, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else DataLoader(self.val_set, batch_size=None)

@@ -114,11 +114,11 @@ def ot_pair_blocks(x0: np.ndarray, x1: np.ndarray, sizes: Sequence[int],
     The re-ordered sources (B, G): row ``j`` of a block is paired with target ``j``.
     """
     p1, p0 = (x1, x0) if basis is None else (x1 @ basis, x0 @ basis)
-    out = x0.copy()
+    perm = np.arange(len(x0))
     start = 0
     for size in sizes:
-        sl = slice(start, start + size)
         if size > 1:  # a single pair is its own optimal plan
-            out[sl] = x0[sl][ot_permutation(p0[sl], p1[sl])]
+            sl = slice(start, start + size)
+            perm[sl] = start + ot_permutation(p0[sl], p1[sl])
         start += size
-    return out
+    return x0[perm]  # one gather of the whole batch

@@ -91,6 +91,27 @@ def test_expression_rows_in_memory_and_backed_equal_hand_normalisation(tmp_path)
     np.testing.assert_array_equal(mem.rows(IDX), dense_mem.rows(IDX))
 
 
+def test_cached_rows_are_normalised_once_and_equal_uncached_reads(tmp_path):
+    """A training buffer holds its rows normalised; reads from it equal reads from the source
+    bit for bit (sparse or dense, in memory or backed), and rows outside it still normalise."""
+    adata = counts_adata()
+    path = tmp_path / "counts.h5ad"
+    adata.write_h5ad(path)
+    held = np.array([0, 1, 2, 7, 11, 20, 39])
+    for rows in (ExpressionRows(adata, GENES), ExpressionRows(counts_adata(sparse=False), GENES),
+                 ExpressionRows(ad.read_h5ad(path, backed="r"), GENES)):
+        fresh = rows.rows(IDX)
+        rows.cache(held[::-1])  # any order
+        assert rows._cached(IDX) is not None
+        np.testing.assert_array_equal(rows.rows(IDX), fresh)
+        assert rows._cached(np.array([3, 0])) is None  # 3 is not held: read from the source
+        np.testing.assert_allclose(rows.rows(np.array([3, 0])), by_hand(dense(adata.X))[[3, 0]][:, [5, 0, 9, 3]],
+                                   rtol=1e-6, atol=1e-6)
+        rows.cache(np.array([], dtype=np.int64))
+        assert rows._cached(IDX) is None
+        np.testing.assert_array_equal(rows.rows(IDX), fresh)
+
+
 def test_backed_rows_use_the_counts_layer_like_in_memory(tmp_path):
     """X log-normalised some other way + raw counts in layers['counts']: both paths normalise the counts."""
     adata = counts_adata()

@@ -52,6 +52,28 @@ def test_workers_build_the_same_batches_and_ranks_distinct_ones():
     assert ids(resumed) == alone[5:]  # resuming skips the trained batches without replaying draws
 
 
+def test_the_training_loader_hands_over_each_batch_in_one_shared_block():
+    """Worker batches equal in-process ones on every key (values, dtypes, shapes); each arrives
+    as contiguous views of one shared block; the main process's sharing strategy is untouched."""
+    import torch
+
+    from celldit.cells.dataset import batch_loader
+
+    rows, cond, group = ids_data()
+    before = torch.multiprocessing.get_sharing_strategy()
+    alone = list(batches(rows, cond, group, ot=True))
+    two = list(batch_loader(batches(rows, cond, group, ot=True), num_workers=2))
+    assert torch.multiprocessing.get_sharing_strategy() == before
+    assert len(two) == len(alone)
+    for a, b in zip(alone, two):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and b[k].is_contiguous()
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+        assert len({v.untyped_storage().data_ptr() for v in b.values()}) == 1  # one block
+        assert all(v.is_shared() for v in b.values())
+
+
 def test_backed_training_reads_a_buffer_of_contiguous_chunks(tmp_path):
     adata = make_adata({"control": 300, "P": 300}, 8, effects={"P": {0: 1.0}}, seed=2)
     adata = adata[np.random.default_rng(0).permutation(adata.n_obs)].copy()  # labels interleaved on disk
