@@ -3,10 +3,16 @@
 Every block of predicted cells goes through the same steps:
 
 * ``X`` (dense float32) is brought to the support of ``log1p`` expression (>= 0): a control
-  cell plus a negative shift can dip below it. ``support="rescale"`` (default) sets negative
-  values to 0 and scales each gene's positive values over the block so that its mean is
-  unchanged (mean-preserving: clipping alone would raise the mean of every decreased gene);
-  ``"clip"`` sets them to 0; ``"none"`` keeps the flow output. The flow output itself goes to
+  cell plus a negative shift can dip below it, and cells generated from noise spread around 0
+  where the data has zeros. ``support="balance"`` (default) sets each gene's negative values
+  to 0 together with its smallest positive values, as many as balance the negative mass over
+  the block, so that the gene's mean is unchanged and values away from 0 stay as they are;
+  ``"rescale"`` (the default before) sets negative values to 0 and scales all of the gene's
+  positive values so that its mean is unchanged (every expressed value of a decreased gene
+  shrinks; on Papalexi it cost E-distance 0.0095 against 0.0028 for ``"balance"`` on the same
+  counterfactual cells, and 0.09 against 0.004 on cells generated from noise; ``docs/cells.md``);
+  ``"clip"`` sets negative values to 0 (clipping alone raises the mean of every decreased
+  gene); ``"none"`` keeps the flow output. The flow output itself goes to
   ``layers['flow']`` when asked (``raw_layer=True``);
 * ``obs`` columns of labels (the perturbation key, covariates, ``celldit_source``) are
   categorical, as scanpy expects;
@@ -38,19 +44,35 @@ from anndata import AnnData
 __all__ = ["OutputWriter", "SUPPORTS", "to_support"]
 
 TARGET_SUM = 1e4
-SUPPORTS = ("rescale", "clip", "none")
+SUPPORTS = ("balance", "rescale", "clip", "none")
 
 
-def to_support(x: np.ndarray, how: str = "rescale") -> np.ndarray:
+def to_support(x: np.ndarray, how: str = "balance") -> np.ndarray:
     """``x`` (cells x genes, log1p space) on the support [0, inf) (see the module notes)."""
     if how == "none":
         return x
+    if how not in SUPPORTS:
+        raise ValueError(f"support={how!r}: expected one of {SUPPORTS}")
     positive = np.clip(x, 0.0, None)
     if how == "clip" or not len(x):
         return positive
-    total, kept = x.sum(0, dtype=np.float64), positive.sum(0, dtype=np.float64)
+    total = x.sum(0, dtype=np.float64)
+    if how == "balance":
+        positive = _zero_smallest(positive, (positive - x).sum(0, dtype=np.float64))
+    kept = positive.sum(0, dtype=np.float64)
     scale = np.where(kept > 0, np.clip(total, 0.0, None) / np.where(kept > 0, kept, 1.0), 0.0)
     return (positive * scale.astype(np.float32)).astype(np.float32)
+
+
+def _zero_smallest(positive: np.ndarray, negative_mass: np.ndarray) -> np.ndarray:
+    """Per gene (column), set to 0 the smallest positive values whose running sum stays within
+    that gene's ``negative_mass`` (the values clipped away); ties at the cut are kept."""
+    ordered = np.sort(positive, axis=0)  # zeros (clipped values) first: they add nothing
+    running = np.cumsum(ordered, axis=0, dtype=np.float64)
+    cut = (running <= negative_mass[None, :]).sum(0)  # entries removed per gene, zeros included
+    n = len(positive)
+    threshold = np.where(cut < n, ordered[np.minimum(cut, n - 1), np.arange(positive.shape[1])], np.inf)
+    return np.where(positive < threshold[None, :], 0.0, positive).astype(np.float32)
 
 
 class OutputWriter:
@@ -71,8 +93,8 @@ class OutputWriter:
     raw_layer
         Keep the flow output, before ``support``, in ``layers['flow']``.
     support
-        ``"rescale"``, ``"clip"`` or ``"none"`` (see the module notes); a block is the cells of
-        one condition integrated together.
+        ``"balance"`` (default), ``"rescale"``, ``"clip"`` or ``"none"`` (see the module
+        notes); a block is the cells of one condition integrated together.
     path
         Stream to this ``.h5ad`` file or ``.zarr`` store (must not exist unless ``overwrite``);
         None: in memory.
@@ -82,7 +104,7 @@ class OutputWriter:
 
     def __init__(self, var: pd.DataFrame, uns: dict[str, Any], categorical: list[str], *,
                  pca: tuple[np.ndarray, np.ndarray] | None = None, counts: bool = False, raw_layer: bool = False,
-                 path: str | Path | None = None, overwrite: bool = False, seed: int = 0, support: str = "rescale"):
+                 path: str | Path | None = None, overwrite: bool = False, seed: int = 0, support: str = "balance"):
         if support not in SUPPORTS:
             raise ValueError(f"support={support!r}: choose one of {list(SUPPORTS)}")
         self.support = support

@@ -218,7 +218,7 @@ class CellSampler:
                        seed: int = 0, batch_size: int | None = None, layer: str | None = None,
                        size_factor_key: str | None = None, input_space: str = "auto", counts: bool = False,
                        raw_layer: bool = False, out: str | None = None, overwrite: bool = False,
-                       support: str = "rescale") -> AnnData:
+                       support: str = "balance") -> AnnData:
         """What the control cells of ``adata_control`` would look like under each perturbation.
 
         Parameters
@@ -250,9 +250,11 @@ class CellSampler:
         raw_layer
             Keep the flow output in ``layers['flow']`` (X is on log1p's support, see ``support``).
         support
-            How ``X`` is brought to log1p's support (>= 0): ``"rescale"`` (default: negative
-            values to 0, each gene's positive values scaled so that its mean over the cells of
-            a condition is kept), ``"clip"`` or ``"none"`` (see :mod:`celldit.cells.outputs`).
+            How ``X`` is brought to log1p's support (>= 0): ``"balance"`` (default: a gene's
+            negative values and as many of its smallest positive values as balance them go to
+            0, so that its mean over the cells of a condition is kept and larger values stay as
+            they are), ``"rescale"`` (negative values to 0, the gene's positive values scaled to
+            keep its mean), ``"clip"`` or ``"none"`` (see :mod:`celldit.cells.outputs`).
         out
             Write the cells to this ``.h5ad`` block by block (bounded memory) and return it
             opened backed; None returns an in-memory AnnData.
@@ -376,7 +378,7 @@ class CellSampler:
     def generate(self, condition: str | Mapping[str, Any], n: int = 100, *, steps: int | None = None,
                  method: str | None = None, cfg_scale: float | None = None, seed: int = 0, counts: bool = False,
                  raw_layer: bool = False, out: str | None = None, overwrite: bool = False,
-                 controls: AnnData | None = None, support: str = "rescale") -> AnnData:
+                 controls: AnnData | None = None, support: str = "balance") -> AnnData:
         """``n`` new cells under ``condition``.
 
         Parameters

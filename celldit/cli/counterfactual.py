@@ -72,9 +72,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="add layers['counts']: counts sampled from the prediction with each source cell's library size")
     p.add_argument("--raw-layer", action="store_true",
                    help="keep the flow output in layers['flow'] (X is on log1p's support, see --support)")
-    p.add_argument("--support", choices=("rescale", "clip", "none"), default="rescale",
-                   help="how X is brought to log1p's support (>= 0): rescale (default: negatives to 0, each gene's "
-                        "positive values scaled to keep its mean over a condition's cells), clip, or none")
+    p.add_argument("--support", choices=("balance", "rescale", "clip", "none"), default="balance",
+                   help="how X is brought to log1p's support (>= 0): balance (default: a gene's negative values and as "
+                        "many of its smallest positive values as balance them to 0, its mean over a condition's cells "
+                        "kept), rescale (negatives to 0, the positive values scaled to keep the mean), clip, or none")
     p.add_argument("--out", required=True, type=Path, help="output .h5ad file (or .zarr store), written block by block (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 

@@ -133,3 +133,32 @@ def test_inputs_normalise_on_the_training_basis(model, screen):
 def test_dose_without_a_dose_key_is_refused(model, screen):
     with pytest.raises(ValueError, match="without a dose key"):
         model.counterfactual(controls(screen), "P", dose=10)
+
+
+def test_support_rules_keep_each_genes_mean_and_balance_turns_the_spread_around_zero_into_zeros():
+    from celldit.cells.outputs import to_support
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    # gene 0: 70% "zeros" smeared around 0 by the flow (sd 0.3), 30% expressed near 4;
+    # gene 1: all expressed, no negative value; gene 2: mean below zero
+    expressed = rng.random(n) < 0.3
+    g0 = np.where(expressed, 4.0 + 0.2 * rng.standard_normal(n), 0.3 * rng.standard_normal(n))
+    g1 = 2.0 + 0.1 * rng.standard_normal(n)
+    g2 = -0.5 + 0.1 * rng.standard_normal(n)
+    x = np.stack([g0, g1, g2], 1).astype(np.float32)
+    out = {how: to_support(x, how) for how in ("rescale", "balance", "clip")}
+    for how in ("rescale", "balance"):
+        assert (out[how] >= 0).all()
+        np.testing.assert_allclose(out[how][:, :2].mean(0), x[:, :2].mean(0), rtol=1e-5)
+        assert np.all(out[how][:, 2] == 0)  # a mean below zero cannot be kept: all zeros
+    np.testing.assert_array_equal(out["balance"][:, 1], x[:, 1])  # nothing to balance: untouched
+    # balance: the smeared cells become zeros (about as many as the data has) and the expressed
+    # values keep their level; rescale keeps half the smear and scales every expressed value down
+    zeros = {how: (out[how][:, 0] == 0).mean() for how in out}
+    assert zeros["balance"] > 0.6 and zeros["rescale"] < 0.4
+    level = {how: out[how][expressed, 0].mean() for how in out}
+    assert abs(level["balance"] - 4.0) < 0.05 and level["rescale"] < 3.85
+    assert out["clip"][:, 0].mean() > x[:, 0].mean() + 0.05  # clipping alone raises the mean
+    with pytest.raises(ValueError, match="support='round'"):
+        to_support(x, "round")
