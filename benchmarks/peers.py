@@ -339,13 +339,13 @@ def run_seeds(python: str, peer: str, split: Split, seeds: list[int], settings: 
     """Run and score one peer over seeds on one split: per seed and mean/sd, baselines beside
     (and, for a count model, the scores of counts drawn from its means)."""
     per_seed, base, info = {}, {b: [] for b in split.baselines}, {}
+    controls = ad.read_h5ad(split.folder / "controls.h5ad") if peer in COUNT_MODELS else None
     for seed in seeds:
         path, info = run_peer(python, peer, split.folder, seed, settings, tag, env, reuse)
         pred = ad.read_h5ad(path)
         scores = score(split, pred, seed)
         drawn = {}
-        if peer in COUNT_MODELS:
-            controls = ad.read_h5ad(split.folder / "controls.h5ad")
+        if controls is not None:
             drawn = {"metrics_counts_drawn": score(split, counts_drawn(pred, controls, seed), seed)["model"]}
         per_seed[str(seed)] = {"metrics": scores["model"], **drawn, "n_conditions": scores["n_conditions"],
                                **{k: info.get(k) for k in ("wall_s", "setup_s", "train_s", "predict_s", "final_loss",
