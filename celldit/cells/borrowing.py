@@ -9,8 +9,12 @@ where the bandwidth ``h`` and the scale ``lam`` in [0, 1] are chosen by leave-on
 the trained perturbations themselves: each trained anchor is predicted from the others, and
 (h, lam) minimise the squared error (the widest kernel within 1% of the least error wins).
 Features that predict the effects keep ``lam`` near 1 and a narrow kernel; features that do
-not leave the mean effect of all trained perturbations (what the ``train_mean`` baseline
-moves by) shrunk toward no change (``lam`` near 0). Without that check a median-heuristic
+not leave the uniform kernel, the mean effect of the trained perturbations (what the
+``train_mean`` baseline moves by). When only some trained perturbations have features and
+the uniform kernel wins, the unseen one gets the unscaled mean of *all* trained anchors:
+each is shrunk already by its own evidence (:mod:`celldit.cells.shrinkage`), and a second
+shrinking cost E-distance and mse over every Papalexi knockout held out in turn
+(``benchmarks/borrowing_scale.py``). Without the leave-one-out check a median-heuristic
 kernel lends a weak knockout the full effect of a strong neighbour.
 """
 
@@ -60,7 +64,7 @@ class PriorBorrowing:
     with its leave-one-out scale. When the uniform kernel wins (the features tell effects
     apart no better than chance), the perturbations with features are just a sample: the
     unseen one gets the mean of *all* trained perturbations (what the ``train_mean``
-    baseline moves by), with its scale fitted by leave-one-out over all of them.
+    baseline moves by), unscaled: the anchors are shrunk already.
     """
 
     features: np.ndarray
@@ -93,9 +97,10 @@ class PriorBorrowing:
         if np.isinf(self.bandwidth) and count > n:
             # the features tell the perturbations apart no better than chance: those with features
             # are then just a sample, and the mean effect of all trained ones the better estimate
+            # (unscaled: see the module notes)
             pred = (self.all_anchors.sum(0) - self.all_anchors) / (count - 1)
-            self.loo_error, self.scale = _loo_fit(self.all_anchors, pred)
-            self.use_all = True
+            self.loo_error = float(((self.all_anchors - pred) ** 2).sum())
+            self.scale, self.use_all = 1.0, True
 
     def weights(self, feature: np.ndarray) -> np.ndarray:
         """(n,) weights of all the trained perturbations for an unseen one; they sum to ``scale``."""

@@ -1,0 +1,98 @@
+"""`benchmarks/cells.py` pieces that need no training: the same-footing reference of
+``generate`` (the mean-shift baseline started from generated control cells)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from celldit.data.spec import PerturbationSpec
+from celldit.eval.report import evaluate
+from tests.conftest import make_adata
+
+CELLS = Path(__file__).resolve().parents[2] / "benchmarks" / "cells.py"
+
+
+@pytest.fixture(scope="module")
+def cells():
+    spec = importlib.util.spec_from_file_location("cells_bench_under_test", CELLS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Generator:
+    """Stands in for a model: ``generate`` hands back the given cells, whatever it is asked."""
+
+    def __init__(self, cells):
+        self.cells, self.calls = cells, []
+
+    def generate(self, condition, n, **kwargs):
+        self.calls.append((condition, n))
+        return self.cells.copy()
+
+
+def _screen(seed: int):
+    counts = {"control": 120, "A": 80, "B": 80}
+    effects = {"A": {0: 1.5, 1: -1.0}, "B": {2: 2.0}}
+    return make_adata(counts, n_genes=10, space="log", effects=effects, sparse=False, seed=seed)
+
+
+def test_generated_controls_equal_to_the_real_ones_give_the_mean_shift_baseline(cells):
+    train, test = _screen(0), _screen(1)
+    spec = PerturbationSpec("perturbation", control="control")
+    controls = test[test.obs["perturbation"] == "control"].copy()
+    model = _Generator(controls)
+    args = types.SimpleNamespace(seed=0, sample_steps=None, support="balance")
+    got = cells._generated_mean_shift(model, test, controls, train, spec, ["A", "B"], args)
+    assert model.calls == [("control", controls.n_obs)]
+    want = evaluate(test, None, spec, train=train, baselines=["mean_shift"], min_cells=40, seed=0, figures=False,
+                    cell_eval=False).summary["mean_shift"]
+    for key in ("pearson_delta_de20", "mse_de20", "edistance"):
+        assert got[key] == pytest.approx(float(want[key]), abs=1e-4), key
+    assert got["pearson_delta_de20"] > 0.9  # the planted effects are recovered
+
+
+def test_generated_controls_off_the_real_ones_score_worse(cells):
+    train, test = _screen(0), _screen(1)
+    spec = PerturbationSpec("perturbation", control="control")
+    controls = test[test.obs["perturbation"] == "control"].copy()
+    args = types.SimpleNamespace(seed=0, sample_steps=None, support="balance")
+    exact = cells._generated_mean_shift(_Generator(controls), test, controls, train, spec, ["A", "B"], args)
+    spread = controls.copy()
+    spread.X = np.asarray(spread.X) + np.random.default_rng(2).normal(0, 1.0, spread.shape).astype(np.float32)
+    worse = cells._generated_mean_shift(_Generator(spread), test, controls, train, spec, ["A", "B"], args)
+    assert worse["edistance"] > exact["edistance"] + 0.1
+
+
+BORROWING = Path(__file__).resolve().parents[2] / "benchmarks" / "borrowing_scale.py"
+
+
+def test_borrowing_scale_rules_for_a_held_out_knockout_follow_the_others_effects():
+    """Held out: A. The others (B, C) share one clear effect on gene 0; the unscaled fall-back
+    and train_mean both carry it, the scale fitted on two alike anchors is about 1, and no
+    change is zero."""
+    spec = importlib.util.spec_from_file_location("borrowing_scale_under_test", BORROWING)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    counts = {"control": 400, "A": 200, "B": 200, "C": 200}
+    effects = {"A": {3: 1.0}, "B": {0: 1.5}, "C": {0: 1.5}}
+    train = make_adata(counts, n_genes=10, effects=effects, level=20.0, obs={"bio_rep": ["rep_1", "rep_2"]}, seed=4)
+    control_mean = np.zeros(10)
+    shifts, scale = module.held_out_shifts(train, control_mean, "A")
+    assert 0.9 < scale <= 1.0
+    assert np.all(shifts["no_change"] == 0)
+    for rule in ("scale_1", "train_mean"):
+        assert shifts[rule][0] > 1.0, rule  # log1p of a 4.5x rate: about 1.5 minus the library-size share
+        # A's own effect (gene 3) is not known: gene 3 moves as the untouched genes do (their
+        # share of the library shrinks as gene 0 grows)
+        assert abs(shifts[rule][3] - np.median(shifts[rule][4:])) < 0.1, rule
+    np.testing.assert_allclose(shifts["loo_scale"], scale * shifts["scale_1"])
+    np.testing.assert_allclose(shifts["scale_1"], shifts["train_mean"], atol=0.15)
