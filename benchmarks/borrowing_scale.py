@@ -3,16 +3,16 @@
     python benchmarks/borrowing_scale.py --data ../shared/data --seed 0
 
 A perturbation never trained, whose prior features tell effects apart no better than
-chance, starts from the mean of the trained perturbations' anchors times a scale fitted by
-leave-one-out on them (``celldit.cells.borrowing``). ``papalexi_unseen`` scores that rule on
-9 knockouts whose targets are measured genes, among them the strongest IFN-pathway ones, so
-choosing the scale there would tune to the test. Here every perturbation with >= 40 rep_3
+chance, starts from the mean of the trained perturbations' anchors (``celldit.cells.borrowing``).
+Should that mean be shrunk again, by a scale fitted by leave-one-out on the trained anchors?
+``papalexi_unseen`` scores 9 knockouts whose targets are measured genes, among them the
+strongest IFN-pathway ones, so choosing the scale there would tune to the test. Here every perturbation with >= 40 rep_3
 cells is held out in turn: the anchors are rebuilt without its cells (rep_1 + rep_2,
 ``pair_keys=["bio_rep"]``, the default shrinkage), and rep_3's control cells are moved by
 
-* ``loo_scale``: the default fall-back, the others' mean anchor (rep_3's, batch-weighted)
-  times the scale fitted on them;
-* ``scale_1``: the same mean, unscaled;
+* ``loo_scale``: the others' mean anchor (rep_3's, batch-weighted) times the scale fitted
+  on them (the fall-back until this script settled it);
+* ``scale_1``: the same mean, unscaled (the fall-back since);
 * ``train_mean``: the unweighted mean of the others' plain training shifts (the baseline);
 * ``no_change``: nothing.
 
