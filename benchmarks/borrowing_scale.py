@@ -13,7 +13,8 @@ cells is held out in turn: the anchors are rebuilt without its cells (rep_1 + re
 * ``loo_scale``: the others' mean anchor (rep_3's, batch-weighted) times the scale fitted
   on them (the fall-back until this script settled it);
 * ``scale_1``: the same mean, unscaled (the fall-back since);
-* ``train_mean``: the unweighted mean of the others' plain training shifts (the baseline);
+* ``train_mean``: the unweighted mean of the others' plain training shifts, each the mean of
+  its per-replicate shifts (as the anchors are; ``evaluate``'s baseline pools the replicates);
 * ``no_change``: nothing.
 
 Anchors only (the network's part, gated for an unseen perturbation, is left out). Prints one

@@ -8,7 +8,9 @@ without it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -63,6 +65,16 @@ def require_diffusers():
             pytest.fail(message)
         pytest.skip(message)
     return diffusers
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_adata(labels: Sequence[str] | Mapping[str, int], n_genes: int = 12, *, key: str = "perturbation",

@@ -3,28 +3,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from celldit.data.spec import PerturbationSpec
 from celldit.eval.report import evaluate
-from tests.conftest import make_adata
-
-CELLS = Path(__file__).resolve().parents[2] / "benchmarks" / "cells.py"
+from tests.conftest import load_benchmark, make_adata
 
 
 @pytest.fixture(scope="module")
 def cells():
-    spec = importlib.util.spec_from_file_location("cells_bench_under_test", CELLS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cells")
 
 
 class _Generator:
@@ -71,17 +62,12 @@ def test_generated_controls_off_the_real_ones_score_worse(cells):
     assert worse["edistance"] > exact["edistance"] + 0.1
 
 
-BORROWING = Path(__file__).resolve().parents[2] / "benchmarks" / "borrowing_scale.py"
-
 
 def test_borrowing_scale_rules_for_a_held_out_knockout_follow_the_others_effects():
     """Held out: A. The others (B, C) share one clear effect on gene 0; the unscaled fall-back
     and train_mean both carry it, the scale fitted on two alike anchors is about 1, and no
     change is zero."""
-    spec = importlib.util.spec_from_file_location("borrowing_scale_under_test", BORROWING)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("borrowing_scale")
     counts = {"control": 400, "A": 200, "B": 200, "C": 200}
     effects = {"A": {3: 1.0}, "B": {0: 1.5}, "C": {0: 1.5}}
     train = make_adata(counts, n_genes=10, effects=effects, level=20.0, obs={"bio_rep": ["rep_1", "rep_2"]}, seed=4)

@@ -3,26 +3,19 @@ count model's means, re-scoring of predictions already on disk, and the tuning r
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 
-PEERS = Path(__file__).resolve().parents[2] / "benchmarks" / "peers.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("peers_under_test", PEERS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("peers")
 
 
 def _normalised(means: np.ndarray) -> np.ndarray:
