@@ -15,7 +15,12 @@ cells is held out in turn: the anchors are rebuilt without its cells (rep_1 + re
 * ``scale_1``: the same mean, unscaled (the fall-back since);
 * ``train_mean``: the unweighted mean of the others' plain training shifts, each the mean of
   its per-replicate shifts (as the anchors are; ``evaluate``'s baseline pools the replicates);
-* ``no_change``: nothing.
+* ``no_change``: nothing;
+* ``on_target``: ``scale_1`` with the held-out knockout's own target (a measured gene for the
+  9 of ``papalexi_unseen``) set by the on-target prior (``celldit.cells.on_target``), as the
+  default model does; the anchors are then built with the prior as well (each trained
+  knockout's target unshrunk), so ``scale_1`` is also the prior's ablation
+  (``--no-on-target``: every anchor built without it).
 
 Anchors only (the network's part, gated for an unseen perturbation, is left out). Prints one
 JSON object: config, machine, figures per condition and averaged over all held-out
@@ -45,7 +50,7 @@ from celldit.eval.report import evaluate
 
 PAPALEXI = "papalexi2021_thp1_crispr_ko.h5ad"
 UNSEEN_9 = ("CMTM6", "NFKBIA", "STAT3", "IFNGR2", "STAT1", "TNFRSF14", "JAK2", "STAT2", "UBE2L6")
-RULES = ("loo_scale", "scale_1", "train_mean", "no_change")
+RULES = ("loo_scale", "scale_1", "train_mean", "no_change", "on_target")
 METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "edistance")
 
 
@@ -55,10 +60,12 @@ def _plain_shift(x: np.ndarray, labels: np.ndarray, reps: np.ndarray, name: str)
                     for r in np.unique(reps) if ((labels == name) & (reps == r)).any()], axis=0)
 
 
-def held_out_shifts(train: ad.AnnData, controls_mean: np.ndarray, name: str) -> tuple[dict, float]:
+def held_out_shifts(train: ad.AnnData, controls_mean: np.ndarray, name: str, on_target: bool = True
+                    ) -> tuple[dict, float]:
     """The shifts of each rule for ``name`` held out of ``train``, and the fitted scale."""
     rest = train[train.obs["perturbation"].astype(str) != name].copy()
-    model = CellDiT(rest, perturbation_key="perturbation", control="control", pair_keys=["bio_rep"])
+    model = CellDiT(rest, perturbation_key="perturbation", control="control", pair_keys=["bio_rep"],
+                    on_target=on_target)
     table = model.conditions
     rows = sorted(table.single_rows())
     anchors = table.anchors[rows].astype(np.float64)  # what the scale is fitted on (as the sampler does)
@@ -69,13 +76,19 @@ def held_out_shifts(train: ad.AnnData, controls_mean: np.ndarray, name: str) -> 
     labels, reps = rest.obs["perturbation"].astype(str).to_numpy(), rest.obs["bio_rep"].astype(str).to_numpy()
     plain = np.mean([_plain_shift(x, labels, reps, table.single_rows()[r]) for r in rows], axis=0)
     zero = np.zeros_like(mean)
-    return {"loo_scale": scale * mean, "scale_1": mean, "train_mean": plain, "no_change": zero}, scale
+    targeted = mean[None].copy()
+    rule = model.sampler.on_target_rule
+    if rule is not None:  # rep_3's controls are uncentred here: the level is their mean
+        rule.set_targets(targeted, [name], model.genes, controls_mean[None])
+    return {"loo_scale": scale * mean, "scale_1": mean, "train_mean": plain, "no_change": zero,
+            "on_target": targeted[0]}, scale
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with the shared .h5ad files")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scoring subsamples")
+    parser.add_argument("--no-on-target", action="store_true", help="build the anchors without the on-target prior")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -92,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     parts: dict[str, list] = {r: [] for r in RULES}
     scales = {}
     for name in names:
-        shifts, scales[name] = held_out_shifts(train, xc.mean(0), name)
+        shifts, scales[name] = held_out_shifts(train, xc.mean(0), name, on_target=not args.no_on_target)
         for rule, s in shifts.items():
             parts[rule].append(ad.AnnData((xc + s[None]).astype(np.float32), obs={"perturbation": [name] * len(xc)}))
         print(f"{name}: scale {scales[name]:.3f}", file=sys.stderr, flush=True)
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
                 m: round(float(table.loc[keep, m].mean()), 4) for m in METRICS
                 if m in table and table.loc[keep, m].notna().any()}
     out = {"config": {"protocol": "papalexi_rep3, one perturbation held out of training at a time", "seed": args.seed,
-                      "pair_keys": ["bio_rep"], "anchors_only": True},
+                      "pair_keys": ["bio_rep"], "anchors_only": True, "on_target": not args.no_on_target},
            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
            "scales": {k: round(v, 3) for k, v in scales.items()}, "summary": summary, "per_condition": per_condition}
     text = json.dumps(out, indent=2)

@@ -68,7 +68,7 @@ def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
     shrinkage = None if args.anchor_shrinkage == "none" else args.anchor_shrinkage
     model = CellDiT(train, **registration, tokenizer=args.tokenizer, source=args.source, anchor=not args.no_anchor,
                     anchor_shrinkage=shrinkage, batch_anchors=not args.no_batch_anchors,
-                    gate_velocity=not args.no_gate_velocity,
+                    gate_velocity=not args.no_gate_velocity, on_target=not args.no_on_target,
                     hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
                     cfg_dropout=args.cfg_dropout, covariate_dropout=args.covariate_dropout, seed=args.seed)
     t1 = time.perf_counter()
@@ -266,7 +266,9 @@ def papalexi_unseen(data: Path, args) -> dict:
         res = evaluate(test, pred, spec, train=train, baselines=["no_change", "train_mean", "linear"], seed=args.seed,
                        figures=False, cell_eval=False, min_cells=40)
         tables.append(res.table)
-        out[f"fold{k}"] = {**timing, **sampling, "metrics": _summary(res, ["model", "train_mean", "linear", "no_change"])}
+        rule = model.sampler.on_target_rule
+        out[f"fold{k}"] = {**timing, **sampling, "metrics": _summary(res, ["model", "train_mean", "linear", "no_change"]),
+                           "on_target_fraction": None if rule is None else round(rule.fraction, 4)}
         print(f"papalexi_unseen fold {k} {fold}: {json.dumps(out[f'fold{k}']['metrics'])}", file=sys.stderr, flush=True)
     import pandas as pd
 
@@ -302,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the network's velocity not scaled by the condition's shrinkage gate at sampling")
     parser.add_argument("--no-batch-anchors", action="store_true",
                         help="one anchor per condition for every batch (not each pair_keys batch its own)")
+    parser.add_argument("--no-on-target", action="store_true",
+                        help="no on-target prior (a knockout's own target shrunk like any gene; an unseen "
+                             "knockout's target borrowed like the rest)")
     parser.add_argument("--no-pair-keys", action="store_true",
                         help="papalexi_rep3: the minimal command (no pair_keys: the data centred as one batch)")
     parser.add_argument("--folds", type=int, default=3, help="papalexi_unseen: folds of held-out perturbations")

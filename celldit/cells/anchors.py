@@ -12,7 +12,7 @@ condition (a held-out cell type) gets a group-weighted anchor (see :class:`Condi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,7 +174,8 @@ class ConditionTable:
 
 def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows, n_genes: int,
                           anchored: bool = True, shrinkage: str | None = None, gate: float = 2.0,
-                          floor: float = 0.1) -> tuple[ConditionTable, np.ndarray]:
+                          floor: float = 0.1, target_columns: Mapping[str, int] | None = None
+                          ) -> tuple[ConditionTable, np.ndarray]:
     """Index the cells' conditions and compute their anchors.
 
     Parameters
@@ -195,6 +196,11 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
         Shrink the anchors (and the groups' shifts alike) toward zero by their standard errors,
         from the per-gene variances of the same pass (see :mod:`celldit.cells.shrinkage`).
         ``table.gates`` holds each condition's gate factor (1 for control and clear conditions).
+    target_columns
+        ``{perturbation name: its column}`` for perturbations named after a model gene: the
+        target of a knockout (or activation) is known to move, so its own column keeps the
+        measured shift while the rest of the condition's shift is shrunk (the on-target prior;
+        see :mod:`celldit.cells.on_target`).
 
     Returns
     -------
@@ -243,5 +249,13 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
         raw = anchors[1:].astype(np.float64)
         anchors[1:], gates[1:], mix = shrink_shifts(raw, se2[1:], shrinkage, gate, floor)
         eb = empirical_bayes(raw, se2[1:])
+        measured = dict(shifts)
         shifts = {(r, g): shrink_group_shift(v, eb[r - 1], gates[r], mix[r - 1]) for (r, g), v in shifts.items()}
+        # the on-target prior: a perturbation's own target keeps its measured shift
+        targets = {row: sorted({(target_columns or {}).get(name) for name in key[0]} - {None})
+                   for row, key in enumerate(uniq) if row}
+        for row, cols in targets.items():
+            anchors[row, cols] = raw[row - 1, cols]
+        for (row, g), v in shifts.items():
+            v[targets[row]] = measured[row, g][targets[row]]
     return ConditionTable(uniq, anchors, shifts, ctrl_means, gates), cond_id

@@ -166,6 +166,7 @@ def read_model_folder(path: str | Path) -> tuple[CellDiTConfig, dict[str, Any]]:
     _check_layout(raw, folder / CONFIG_NAME)
     if raw["format_version"] == 1:
         raw = upgrade_v1(raw)
+    raw["config"].setdefault("on_target", False)  # saved before the rule: predict as it did
     try:
         config = CellDiTConfig(**raw["config"])
     except (TypeError, ValueError, KeyError) as err:

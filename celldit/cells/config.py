@@ -139,6 +139,13 @@ class CellDiTConfig:
         Model each cell relative to the control mean of its batch (its pair_keys values; without
         pair_keys and covariates, the whole data set) and centre new control cells on their own
         mean at prediction time.
+    on_target
+        The on-target prior, for perturbations named after a measured gene (a knockout,
+        CRISPRi or CRISPRa): the target is known to move, so a trained one keeps its target's
+        measured shift when ``anchor_shrinkage`` shrinks the rest, and one never trained gets
+        its target's change as its level in the cells being carried times the median
+        relative change of the trained ones' own targets (see :mod:`celldit.cells.on_target`;
+        needs three of them). Labels that are not gene names (drugs) are left as they are.
     perturbation_features
         Prior features of perturbations, which let the model embed unseen ones: "expression"
         (a measured target gene's profile across control cells, by PCA), a table
@@ -205,6 +212,7 @@ class CellDiTConfig:
     ot: bool = True
     ot_dims: int | None = option(32, ge=1)
     center: bool = True
+    on_target: bool = True
     perturbation_features: Any = "expression"
     modules: str | dict[str, list[str]] | None = None
     n_modules: int | None = option(None, ge=1)

@@ -114,7 +114,9 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     anchor_group = pair_group if config.batch_anchored else cov_group
     table, cond_id = build_condition_table(keys, anchor_group, rows, len(genes), anchored=use_anchor,
                                            shrinkage=config.anchor_shrinkage, gate=config.shrinkage_gate,
-                                           floor=config.shrinkage_floor)
+                                           floor=config.shrinkage_floor,
+                                           target_columns={g: j for j, g in enumerate(genes)} if config.on_target
+                                           else None)
     if config.batch_anchored and isinstance(rows, CenteredRows):
         # batches are told apart by their *uncentred* mean control cells (centred ones are all ~0)
         codes, first = np.unique(pair_group, return_index=True)  # a cell of each pairing group

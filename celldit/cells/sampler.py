@@ -31,6 +31,7 @@ from ..flow import anchored_source, integrate, velocity_fn
 from ..io import physical_memory
 from .borrowing import PriorBorrowing
 from .config import SamplerConfig
+from .on_target import OnTargetRule
 from .outputs import OutputWriter
 from .vocab import parse_condition
 
@@ -81,7 +82,22 @@ class CellSampler:
             for g in np.unique(groups[unseen]):
                 rows = np.flatnonzero(groups == g)
                 anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy(), neighbours=self._prior_neighbours)
+        if self.on_target_rule is not None:
+            trained = {k[0] for k in self.conditions.keys}
+            self.on_target_rule.set_targets(anchors, [m for m in key[0] if (m,) not in trained], self.genes,
+                                          x.detach().cpu().numpy(), batches if self.config.centred else None)
         return pert_idx, pert_scale, anchors
+
+    @property
+    def on_target_rule(self) -> OnTargetRule | None:
+        """The on-target rule fitted on the trained single perturbations (once; None when
+        fewer than three are named after a measured gene, or with ``on_target=False``)."""
+        if not self.config.on_target:
+            return None
+        if not hasattr(self, "_target_rule"):
+            self._target_rule = OnTargetRule.fit(self.conditions.single_rows(), self.conditions.anchors, self.genes,
+                                                 np.asarray(self.model.reference, dtype=np.float64))
+        return self._target_rule
 
     def _borrowing(self) -> tuple[PriorBorrowing | None, dict[int, int], dict[str, int]]:
         """The borrowing kernel over the trained single perturbations (fitted once, by

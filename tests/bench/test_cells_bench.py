@@ -62,7 +62,6 @@ def test_generated_controls_off_the_real_ones_score_worse(cells):
     assert worse["edistance"] > exact["edistance"] + 0.1
 
 
-
 def test_borrowing_scale_rules_for_a_held_out_knockout_follow_the_others_effects():
     """Held out: A. The others (B, C) share one clear effect on gene 0; the unscaled fall-back
     and train_mean both carry it, the scale fitted on two alike anchors is about 1, and no
@@ -82,3 +81,23 @@ def test_borrowing_scale_rules_for_a_held_out_knockout_follow_the_others_effects
         assert abs(shifts[rule][3] - np.median(shifts[rule][4:])) < 0.1, rule
     np.testing.assert_allclose(shifts["loo_scale"], scale * shifts["scale_1"])
     np.testing.assert_allclose(shifts["scale_1"], shifts["train_mean"], atol=0.15)
+    np.testing.assert_array_equal(shifts["on_target"], shifts["scale_1"])  # A, B, C are not gene names
+
+
+def test_borrowing_scale_on_target_rule_lowers_a_held_out_knockouts_own_gene():
+    """Knockouts named after genes g0, g4, g5, g6 each lower their own gene (rate x e^-0.7);
+    g0 held out: the on-target rule sets gene 0 at the others' median relative drop times the
+    carried cells' level, and leaves every other gene at the unscaled fall-back."""
+    module = load_benchmark("borrowing_scale")
+    names = ("g0", "g4", "g5", "g6")
+    counts = {"control": 400, **dict.fromkeys(names, 150)}
+    effects = {n: {int(n[1:]): -0.7} for n in names}
+    train = make_adata(counts, n_genes=10, effects=effects, level=20.0, obs={"bio_rep": ["rep_1", "rep_2"]}, seed=5)
+    control_mean = np.full(10, 2.0)
+    shifts, _ = module.held_out_shifts(train, control_mean, "g0")
+    # each gene holds ~1/10 of 1e4 counts: log1p level ~6.9, so a drop of 0.7 is ~10% of it
+    assert -0.15 < shifts["on_target"][0] / 2.0 < -0.06
+    assert abs(shifts["scale_1"][0]) < 0.1  # the others do not move g0
+    np.testing.assert_array_equal(shifts["on_target"][1:], shifts["scale_1"][1:])
+    plain, _ = module.held_out_shifts(train, control_mean, "g0", on_target=False)
+    np.testing.assert_array_equal(plain["on_target"], plain["scale_1"])
