@@ -62,7 +62,10 @@ def _plain_shift(x: np.ndarray, labels: np.ndarray, reps: np.ndarray, name: str)
 
 def held_out_shifts(train: ad.AnnData, controls_mean: np.ndarray, name: str, on_target: bool = True
                     ) -> tuple[dict, float]:
-    """The shifts of each rule for ``name`` held out of ``train``, and the fitted scale."""
+    """The shifts of each rule for ``name`` held out of ``train``, and the fitted scale.
+
+    ``on_target``: build the anchors with the on-target prior and set ``name``'s own target
+    in the ``on_target`` rule (False: that rule equals ``scale_1``)."""
     rest = train[train.obs["perturbation"].astype(str) != name].copy()
     model = CellDiT(rest, perturbation_key="perturbation", control="control", pair_keys=["bio_rep"],
                     on_target=on_target)
