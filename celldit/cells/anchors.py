@@ -251,11 +251,11 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
         eb = empirical_bayes(raw, se2[1:])
         measured = dict(shifts)
         shifts = {(r, g): shrink_group_shift(v, eb[r - 1], gates[r], mix[r - 1]) for (r, g), v in shifts.items()}
-        # the on-target prior: a perturbation's own target keeps its measured shift
-        targets = {row: sorted({(target_columns or {}).get(name) for name in key[0]} - {None})
-                   for row, key in enumerate(uniq) if row}
-        for row, cols in targets.items():
-            anchors[row, cols] = raw[row - 1, cols]
-        for (row, g), v in shifts.items():
-            v[targets[row]] = measured[row, g][targets[row]]
+        if target_columns:  # the on-target prior: a perturbation's own target keeps its measured shift
+            targets = {row: sorted({target_columns.get(name) for name in key[0]} - {None})
+                       for row, key in enumerate(uniq) if row}
+            for row, cols in targets.items():
+                anchors[row, cols] = raw[row - 1, cols]
+            for (row, g), v in shifts.items():
+                v[targets[row]] = measured[row, g][targets[row]]
     return ConditionTable(uniq, anchors, shifts, ctrl_means, gates), cond_id

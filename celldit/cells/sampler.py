@@ -82,10 +82,10 @@ class CellSampler:
             for g in np.unique(groups[unseen]):
                 rows = np.flatnonzero(groups == g)
                 anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy(), neighbours=self._prior_neighbours)
-        if self.on_target_rule is not None:
-            trained = {k[0] for k in self.conditions.keys}
-            self.on_target_rule.set_targets(anchors, [m for m in key[0] if (m,) not in trained], self.genes,
-                                          x.detach().cpu().numpy(), batches if self.config.centred else None)
+        untrained = [m for m in key[0] if not any(k[0] == (m,) for k in self.conditions.keys)]
+        if untrained and self.on_target_rule is not None:
+            self.on_target_rule.set_targets(anchors, untrained, self.genes, x.detach().cpu().numpy(),
+                                            batches if self.config.centred else None)
         return pert_idx, pert_scale, anchors
 
     @property
