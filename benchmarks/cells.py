@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from celldit.cells import CellDiT
-from celldit.cells.outputs import SUPPORTS, to_support
+from celldit.cells.outputs import SUPPORTS, first_count_level, to_support
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
 from celldit.eval.report import evaluate
@@ -92,20 +92,31 @@ def _sample(model: CellDiT, controls: ad.AnnData, labels: list[str], args) -> tu
     return pred, {"sample_s": round(dt, 2), "sample_cells_per_s": round(pred.n_obs / dt, 1), "cells": pred.n_obs}
 
 
-def _by_support(real: ad.AnnData, pred: ad.AnnData, spec: PerturbationSpec, train: ad.AnnData, seed: int) -> dict:
+def _first_levels(model: CellDiT, controls: ad.AnnData, pred: ad.AnnData) -> np.ndarray:
+    """(n,) first count level of each predicted cell's source control cell (``celldit_source``)."""
+    rows = model.sampler.input_rows(controls)
+    library = rows.library_sizes(np.arange(controls.n_obs))
+    levels = first_count_level(None if library is not None else rows.all_rows(), library)
+    return levels[controls.obs_names.get_indexer(pred.obs["celldit_source"].astype(str))]
+
+
+def _by_support(real: ad.AnnData, pred: ad.AnnData, spec: PerturbationSpec, train: ad.AnnData, seed: int,
+                levels: np.ndarray | None = None, min_cells: int = 40) -> dict:
     """The same predicted cells (their flow output, ``layers['flow']``) brought to log1p's support
     by each rule of :data:`SUPPORTS`, one condition at a time as the output writer does, and
-    scored: a paired comparison of the rules."""
+    scored: a paired comparison of the rules. ``"discrete"`` needs ``levels`` (each cell's
+    source's first count level; cells generated from noise have none, and skip it)."""
     flow, labels = np.asarray(pred.layers["flow"]), pred.obs[spec.perturbation_key].astype(str).to_numpy()
     out = {}
-    for how in SUPPORTS:
+    rng = np.random.default_rng([seed, 3])
+    for how in SUPPORTS if levels is not None else [h for h in SUPPORTS if h != "discrete"]:
         x = np.empty_like(flow)
         for lab in np.unique(labels):
             rows = labels == lab
-            x[rows] = to_support(flow[rows], how)
+            x[rows] = to_support(flow[rows], how, first_level=None if levels is None else levels[rows], rng=rng)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "none" keeps negative values
-            res = evaluate(real, ad.AnnData(x, obs=pred.obs, var=pred.var), spec, train=train, min_cells=40,
+            res = evaluate(real, ad.AnnData(x, obs=pred.obs, var=pred.var), spec, train=train, min_cells=min_cells,
                            baselines=[], seed=seed, figures=False, cell_eval=False)
         out[how] = _summary(res, ["model"])["model"]
     return out
@@ -141,7 +152,7 @@ def papalexi_rep3(data: Path, args) -> dict:
            "weak": {"mean_shift_worse_than_no_change": sorted(weak),
                     "model_above_no_change_by_0.01": sorted(above.index[above > 0.01]),
                     "max_model_minus_no_change": round(float(above.max()), 4) if len(above) else None},
-           "model_by_support": _by_support(test, pred, spec, train, args.seed),
+           "model_by_support": _by_support(test, pred, spec, train, args.seed, _first_levels(model, controls, pred)),
            "edistance_per_condition": per_condition.round(4).to_dict()}
     if args.generate:  # cells from the model alone (the noise prior, or the bank of training controls), in rep_3
         # as many cells as the counterfactuals and baselines start from (rep_3's controls): the
@@ -149,7 +160,7 @@ def papalexi_rep3(data: Path, args) -> dict:
         # lower its within-sample distance, which inflates E-distance (noise source, seed 0: 0.502
         # with as many cells as rep_3 has of P, 0.401 with 666)
         parts = [model.generate(lab, n=controls.n_obs, controls=controls, seed=args.seed, steps=args.sample_steps,
-                                cfg_scale=args.cfg_scale, support=args.support, raw_layer=True) for lab in keep]
+                                cfg_scale=args.cfg_scale, support=_generate_support(args), raw_layer=True) for lab in keep]
         gen = ad.concat(parts, merge="same")
         gen.obs_names_make_unique()
         res_g = evaluate(test, gen, spec, train=train, min_cells=40, baselines=[], seed=args.seed, figures=False,
@@ -160,6 +171,12 @@ def papalexi_rep3(data: Path, args) -> dict:
     return out
 
 
+def _generate_support(args) -> str:
+    """``--support`` for generated cells: ``"discrete"`` (counterfactuals' default) needs source
+    cells, so generated cells take ``generate``'s default, ``"balance"``."""
+    return "balance" if args.support == "discrete" else args.support
+
+
 def _generated_mean_shift(model: CellDiT, test: ad.AnnData, controls: ad.AnnData, train: ad.AnnData,
                           spec: PerturbationSpec, keep: list[str], args) -> dict:
     """``generate``'s reference on the same footing: the mean-shift baseline started from
@@ -167,7 +184,7 @@ def _generated_mean_shift(model: CellDiT, test: ad.AnnData, controls: ad.AnnData
     real ones. ``generate`` knows rep_3 only by its controls' mean; the plain mean shift
     carries rep_3's real cells, so the two differ by what real cells are worth as well."""
     made = model.generate(spec.control_labels[0], n=controls.n_obs, controls=controls, seed=args.seed,
-                          steps=args.sample_steps, support=args.support)
+                          steps=args.sample_steps, support=_generate_support(args))
     fitted = evaluate(test, None, spec, train=train, baselines=["mean_shift"], seed=args.seed, figures=False,
                       cell_eval=False).predictions["mean_shift"].baseline
     if not made.var_names.equals(fitted.var_names):
@@ -196,7 +213,9 @@ def kang(data: Path, args) -> dict:
         pred, sampling = _sample(model, ctrl, ["stim"], args)
         res = evaluate(test, pred, spec, train=train, baselines=["no_change", "mean_shift", "linear"], seed=args.seed,
                        figures=False, cell_eval=False)
-        out[cell_type] = {**timing, **sampling, "metrics": _summary(res, ["model", "mean_shift", "linear", "no_change"])}
+        out[cell_type] = {**timing, **sampling, "metrics": _summary(res, ["model", "mean_shift", "linear", "no_change"]),
+                          "model_by_support": _by_support(test, pred, spec, train, args.seed,
+                                                          _first_levels(model, ctrl, pred), min_cells=1)}
         m, b = out[cell_type]["metrics"]["model"], out[cell_type]["metrics"]["mean_shift"]
         out[cell_type]["beats_mean_shift_r2_and_pd_de20"] = bool(
             m["r2_mean"] > b["r2_mean"] and m["pearson_delta_de20"] > b["pearson_delta_de20"])
@@ -312,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=3, help="papalexi_unseen: folds of held-out perturbations")
     parser.add_argument("--prior", type=Path, default=None,
                         help="papalexi_unseen: a prior feature table (csv/tsv/parquet, indexed by perturbation)")
-    parser.add_argument("--support", choices=SUPPORTS, default="balance",
-                        help="how predicted cells are put on log1p's support (every rule is also scored on the "
-                             "same cells: model_by_support)")
+    parser.add_argument("--support", choices=SUPPORTS, default="discrete",
+                        help="how counterfactual cells are put on log1p's support (every rule is also scored on "
+                             "the same cells: model_by_support); generated cells use balance for discrete")
     parser.add_argument("--generate", action="store_true",
                         help="papalexi_rep3: also score generate(P, n) (cells from the model alone, rep_3's offset)")
     parser.add_argument("--cfg-dropout", type=float, default=0.2)

@@ -51,12 +51,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="obs column of each input cell's library size (default: the model's normalisation basis)")
     p.add_argument("--input-space", choices=("auto", "counts", "log1p"), default="auto",
                    help="what the input's values are (auto: counts when all are whole numbers, else log1p)")
-    add_sampling_arguments(p)
+    add_sampling_arguments(p, support="discrete")
     p.set_defaults(func=run)
     return p
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(p: argparse.ArgumentParser, support: str) -> None:
     """Solver, guidance, seed and output options shared by ``counterfactual`` and ``generate``."""
     from .parsing import at_least, finite, seed
 
@@ -72,10 +72,13 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="add layers['counts']: counts sampled from the prediction with each source cell's library size")
     p.add_argument("--raw-layer", action="store_true",
                    help="keep the flow output in layers['flow'] (X is on log1p's support, see --support)")
-    p.add_argument("--support", choices=("balance", "rescale", "clip", "none"), default="balance",
-                   help="how X is brought to log1p's support (>= 0): balance (default: a gene's negative values and as "
-                        "many of its smallest positive values as balance them to 0, its mean over a condition's cells "
-                        "kept), rescale (negatives to 0, the positive values scaled to keep the mean), clip, or none")
+    p.add_argument("--support", choices=("discrete", "balance", "rescale", "clip", "none"), default=support,
+                   help=f"how X is brought to log1p's support (default {support}): discrete (balance, then values "
+                        "between 0 and the source cell's first count level log1p(1e4/library size) to 0 or that level "
+                        "at random, each gene's mean kept in expectation; needs source cells), balance (a gene's "
+                        "negative values and as many of its smallest positive values as balance them to 0, its mean "
+                        "over a condition's cells kept), rescale (negatives to 0, the positive values scaled to keep "
+                        "the mean), clip, or none")
     p.add_argument("--out", required=True, type=Path, help="output .h5ad file (or .zarr store), written block by block (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 

@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--condition", required=True, nargs="+", metavar="KEY=VALUE",
                    help="the condition, e.g. perturbation=STAT1 (a bare LABEL means perturbation key=LABEL)")
     p.add_argument("--n", type=at_least(1), required=True, help="number of cells")
-    add_sampling_arguments(p)
+    add_sampling_arguments(p, support="balance")
     p.set_defaults(func=run)
     return p
 

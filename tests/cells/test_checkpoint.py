@@ -24,11 +24,11 @@ def test_format_1_models_load_and_predict_as_they_did():
     model = CellDiT.load(FIXTURES / "cell_model_v1")
     assert model.config.pair_keys == ["bio_rep"] and model.config.tokenizer == "module" and model.is_trained
     controls = ad.read_h5ad(FIXTURES / "cell_model_v1_controls.h5ad")
-    pred = model.counterfactual(controls, ["STAT1", "IRF1"], raw_layer=True)
+    pred = model.counterfactual(controls, ["STAT1", "IRF1"], raw_layer=True, support="balance")
     np.testing.assert_allclose(pred.layers["flow"], np.load(FIXTURES / "cell_model_v1_expected.npy"), rtol=0, atol=1e-6)
     flow, n = pred.layers["flow"], controls.n_obs  # X: the flow output on log1p's support, label by label
     for block in (slice(0, n), slice(n, 2 * n)):
-        np.testing.assert_array_equal(pred.X[block], to_support(flow[block]))
+        np.testing.assert_array_equal(pred.X[block], to_support(flow[block], "balance"))
 
 
 @pytest.fixture(scope="module")

@@ -40,20 +40,33 @@ def test_output_shapes_follow_scanpy_conventions(model, screen):
     assert list(out.var["symbol"]) == [f"SYM{i}" for i in range(20)]  # the input's annotations are kept
     for key in ("perturbation", "cell_type", "celldit_source"):
         assert isinstance(out.obs[key].dtype, pd.CategoricalDtype), key
-    # X: the flow output on log1p's support (>= 0), each gene's mean over a condition's cells kept;
-    # the raw flow output is kept on request
+    # X: the flow output on log1p's support; the raw flow output is kept on request
     flow = out.layers["flow"]
     assert flow.min() < 0 <= out.X.min()
+    library = np.tile(screen.obs["n_counts"].to_numpy()[screen.obs["perturbation"] == "control"], 2)
+    level = np.log1p(1e4 / library)[:, None]  # each source cell's first count level
+    balanced = model.counterfactual(controls(screen), ["P", "Q"], support="balance", seed=3).X
+    np.testing.assert_array_equal(model.counterfactual(controls(screen), ["P", "Q"], raw_layer=True,
+                                                       seed=3).layers["flow"], flow)  # same flow, every rule
     for block in (slice(0, n), slice(n, 2 * n)):
+        # "balance": each gene's mean over a condition's cells kept exactly
         kept = flow[block].mean(0) > 0
-        np.testing.assert_allclose(out.X[block].mean(0)[kept], flow[block].mean(0)[kept], rtol=1e-4, atol=1e-5)
-        assert np.all(out.X[block][:, ~kept] == 0)
+        np.testing.assert_allclose(balanced[block].mean(0)[kept], flow[block].mean(0)[kept], rtol=1e-4, atol=1e-5)
+        assert np.all(balanced[block][:, ~kept] == 0)
+        # "discrete" (default): balance's values below the first count level go to 0 or to it,
+        # so a detected gene is never below one count, and the means move by rounding noise only
+        x, b = out.X[block], balanced[block]
+        assert np.all((x == 0) | (x >= level[block] * (1 - 1e-6)))
+        np.testing.assert_array_equal(x[b >= level[block]], b[b >= level[block]])
+        small = (b > 0) & (b < level[block])
+        assert small.mean() > 0.05  # the rule had something to round
+        sd = np.sqrt((b * (level[block] - b) * small).sum(0)) / len(b)  # sd of each gene's rounded mean
+        assert np.all(np.abs(x.mean(0) - b.mean(0)) <= 4 * sd + 1e-5)
     clipped = model.counterfactual(controls(screen), ["P"], support="clip").X
     np.testing.assert_array_equal(clipped, np.clip(flow[:n], 0, None))
     with pytest.raises(ValueError, match="support='round'"):
         model.counterfactual(controls(screen), ["P"], support="round")
     # the counts layer: Poisson draws around expm1(x) * library size / 1e4
-    library = np.tile(screen.obs["n_counts"].to_numpy()[screen.obs["perturbation"] == "control"], 2)
     expected = np.expm1(out.X) * library[:, None] / 1e4
     counts = out.layers["counts"].toarray()
     assert np.array_equal(counts, np.round(counts)) and counts.min() >= 0
