@@ -107,6 +107,9 @@ def _by_support(real: ad.AnnData, pred: ad.AnnData, spec: PerturbationSpec, trai
     scored: a paired comparison of the rules. ``"discrete"`` needs ``levels`` (each cell's
     source's first count level; cells generated from noise have none, and skip it)."""
     flow, labels = np.asarray(pred.layers["flow"]), pred.obs[spec.perturbation_key].astype(str).to_numpy()
+    real_labels = real.obs[spec.perturbation_key].astype(str).to_numpy()
+    real_x = real[:, pred.var_names].X
+    detected = {lab: np.asarray((real_x[real_labels == lab] > 0).mean(0)).ravel() for lab in np.unique(labels)}
     out = {}
     rng = np.random.default_rng([seed, 3])
     for how in SUPPORTS if levels is not None else [h for h in SUPPORTS if h != "discrete"]:
@@ -119,6 +122,11 @@ def _by_support(real: ad.AnnData, pred: ad.AnnData, spec: PerturbationSpec, trai
             res = evaluate(real, ad.AnnData(x, obs=pred.obs, var=pred.var), spec, train=train, min_cells=min_cells,
                            baselines=[], seed=seed, figures=False, cell_eval=False)
         out[how] = _summary(res, ["model"])["model"]
+        # how far each gene's fraction of detecting cells (X > 0) is from the real cells', averaged
+        out[how]["detection_error"] = round(float(np.mean([np.abs((x[labels == lab] > 0).mean(0) - detected[lab]).mean()
+                                                           for lab in detected])), 4)
+    control = np.asarray((real_x[np.isin(real_labels, spec.control_labels)] > 0).mean(0)).ravel()
+    out["no_change_detection_error"] = round(float(np.mean([np.abs(control - d).mean() for d in detected.values()])), 4)
     return out
 
 

@@ -62,6 +62,37 @@ def test_generated_controls_off_the_real_ones_score_worse(cells):
     assert worse["edistance"] > exact["edistance"] + 0.1
 
 
+def test_support_rules_scored_side_by_side_with_each_genes_detection_rate(cells):
+    """Real cells of each condition as the "prediction" keep every gene's detection rate under
+    every rule; controls plus the mean shift detect a raised gene in every cell, which the
+    "discrete" rule brings back near the real rate."""
+    import anndata as ad
+
+    from celldit.cells.outputs import first_count_level
+    from celldit.data.expression import log_normalize
+
+    # a sparse gene 1 that A raises from about 0.1 to 0.5 counts per cell
+    test = make_adata({"control": 400, "A": 400}, n_genes=8, effects={"A": {1: 1.6}},
+                      level=[5, 0.1, 5, 5, 5, 5, 5, 5], seed=3)
+    spec = PerturbationSpec("perturbation", control="control")
+    logged = log_normalize(test)
+    x = np.asarray(logged.X.toarray())
+    library = np.asarray(test.X.sum(1)).ravel()
+    is_a = (test.obs["perturbation"] == "A").to_numpy()
+    real = ad.AnnData(x[is_a], obs=test.obs[is_a].copy(), var=test.var.copy())
+    real.layers["flow"] = real.X.copy()
+    got = cells._by_support(test, real, spec, test, seed=0, levels=first_count_level(None, library[is_a]))
+    assert got["discrete"]["detection_error"] == 0 and got["balance"]["detection_error"] == 0
+    assert got["no_change_detection_error"] > 0.03  # gene 1 alone: about |0.1 - 0.4| / 8 genes
+    shift = x[is_a].mean(0) - x[~is_a].mean(0)
+    moved = ad.AnnData(x[~is_a] + shift, obs=real.obs.copy(), var=test.var.copy())
+    moved.layers["flow"] = moved.X.copy()
+    got = cells._by_support(test, moved, spec, test, seed=0, levels=first_count_level(None, library[~is_a]))
+    assert got["balance"]["detection_error"] > 0.05  # gene 1 detected in (nearly) every cell
+    assert got["discrete"]["detection_error"] < got["balance"]["detection_error"] / 3
+    assert "discrete" not in cells._by_support(test, moved, spec, test, seed=0)  # no source cells: skipped
+
+
 def test_borrowing_scale_rules_for_a_held_out_knockout_follow_the_others_effects():
     """Held out: A. The others (B, C) share one clear effect on gene 0; the unscaled fall-back
     and train_mean both carry it, the scale fitted on two alike anchors is about 1, and no

@@ -175,3 +175,45 @@ def test_support_rules_keep_each_genes_mean_and_balance_turns_the_spread_around_
     assert out["clip"][:, 0].mean() > x[:, 0].mean() + 0.05  # clipping alone raises the mean
     with pytest.raises(ValueError, match="support='round'"):
         to_support(x, "round")
+
+
+def test_discrete_support_puts_detected_genes_at_one_count_or_more_and_keeps_means_in_expectation():
+    from celldit.cells.outputs import first_count_level, to_support
+
+    rng = np.random.default_rng(1)
+    n = 40000  # the rounded means' sd is then <= 0.008
+    library = rng.integers(150, 300, n).astype(float)
+    level = first_count_level(None, library)
+    np.testing.assert_allclose(level, np.log1p(1e4 / library))
+    # without library sizes: a log1p cell's smallest positive value (a gene counted once); 0 for an empty cell
+    counts = np.array([[0, 1, 3], [2, 0, 5], [0, 0, 0]], dtype=float)
+    logged = np.log1p(1e4 * counts / np.maximum(counts.sum(1, keepdims=True), 1))
+    np.testing.assert_allclose(first_count_level(logged), [np.log1p(1e4 / 4), np.log1p(2e4 / 7), 0.0])
+    # gene 0: a control gene at 0 lifted by a shift of +0.8 (real cells would detect it in ~20%);
+    # gene 1: expressed at one count or more; gene 2: smeared around 0, mean 0.3
+    x = np.stack([np.full(n, 0.8), level + rng.random(n), 0.3 + 0.5 * rng.standard_normal(n)], 1).astype(np.float32)
+    out = to_support(x, "discrete", first_level=level, rng=np.random.default_rng(0))
+    assert np.all((out == 0) | (out >= level[:, None].astype(np.float32)))
+    np.testing.assert_array_equal(out[:, 1], x[:, 1])  # values at or above one count are kept
+    detected = (out[:, 0] > 0).mean()
+    assert abs(detected - np.mean(0.8 / level)) < 0.03 and (to_support(x, "balance")[:, 0] > 0).all()
+    np.testing.assert_allclose(out.mean(0), x.mean(0), atol=0.03)  # the means, within 4 sd of rounding noise
+    again = to_support(x, "discrete", first_level=level, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(out, again)  # seeded
+    # a cell with no count (level 0) is left as "balance" leaves it
+    lone = to_support(x[:3], "discrete", first_level=np.zeros(3), rng=rng)
+    np.testing.assert_array_equal(lone, to_support(x[:3], "balance"))
+    with pytest.raises(ValueError, match="needs first_level"):
+        to_support(x, "discrete")
+
+
+def test_generate_takes_discrete_only_from_a_bank_of_counted_control_cells(screen):
+    noise = CellDiT(screen, source="noise", **TINY)
+    with pytest.raises(ValueError, match="support='discrete'.*use support='balance'"):
+        noise.generate("P", n=5, support="discrete")
+    assert (noise.generate("P", n=5).X >= 0).all()  # generate's default: balance
+    control = CellDiT(screen, **TINY)
+    made = control.generate("P", n=200, support="discrete", seed=2)
+    levels = np.log1p(1e4 / control.bank_library)
+    assert np.all((made.X == 0) | (made.X >= levels.min() * (1 - 1e-6)))
+    assert (made.X == 0).mean() > (control.generate("P", n=200, seed=2).X == 0).mean()
