@@ -117,8 +117,9 @@ def _round_to_first_level(x: np.ndarray, level: np.ndarray, rng: np.random.Gener
     small = (x > 0) & (x < level)
     p = np.where(small, x / np.where(level > 0, level, 1.0), 0.0).astype(np.float64)
     order = np.argsort(rng.random(x.shape), axis=0)  # a random order of the cells for each gene
-    after = np.cumsum(np.take_along_axis(p, order, axis=0), axis=0) + rng.random(x.shape[1])[None, :]
-    before = after - np.take_along_axis(p, order, axis=0)
+    ordered = np.take_along_axis(p, order, axis=0)
+    after = np.cumsum(ordered, axis=0) + rng.random(x.shape[1])[None, :]
+    before = after - ordered
     up = np.empty(x.shape, dtype=bool)
     np.put_along_axis(up, order, np.floor(after) > np.floor(before), axis=0)  # a unit boundary crossed
     return np.where(small, np.where(up, level, 0.0), x).astype(np.float32)
