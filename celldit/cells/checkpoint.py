@@ -4,7 +4,9 @@ A folder (written atomically by :func:`celldit.io.save_model_folder`) holds
 
 * ``model.safetensors``: ``network.*`` (the EMA weights), ``anchors``, ``groups.*`` (per
   covariate-group shifts and control means), ``bank_x`` (control cells for ``generate``)
-  and ``reference`` (the training controls' mean);
+  ``reference`` (the training controls' mean) and ``control_batches.*`` (each training
+  batch's mean control cell and size, for ``control_mean="pooled"``; absent in folders
+  saved before it);
 * ``config.json``: ``format_version``, ``kind`` (``"celldit.CellDiT"``), ``config`` (every
   :class:`~celldit.cells.config.CellDiTConfig` field), the derived tokenizer settings,
   ``space``, ``is_trained`` and a summary of the training ``history``;
@@ -52,6 +54,9 @@ def write_model_folder(model: Any, path: str | Path, overwrite: bool = False,
     state.update({f"groups.{k}": torch.from_numpy(v) for k, v in model.conditions.group_tensors().items()})
     state["bank_x"] = model.bank_x
     state["reference"] = model.reference
+    if model.control_batches is not None:
+        means, sizes = model.control_batches
+        state["control_batches.means"], state["control_batches.sizes"] = torch.from_numpy(means), torch.from_numpy(sizes)
     if model.bank_library is not None:
         state["bank_library"] = torch.from_numpy(np.asarray(model.bank_library, dtype=np.float64))
     if model.pca is not None:
@@ -124,6 +129,10 @@ def _check_shapes(cfg: CellDiTConfig, raw: dict[str, Any], genes: list, vocab: d
         _check(tuple(shapes[key]) == shape, weights,
                f"tensor {key!r} has shape {tuple(shapes[key])} but the settings in {CONFIG_NAME}, genes.json and "
                f"vocab.json imply {shape} (the files do not belong together)")
+    if "control_batches.means" in shapes:
+        means, sizes = shapes["control_batches.means"], shapes.get("control_batches.sizes")
+        _check(len(means) == 2 and means[1] == G and sizes == (means[0],), weights,
+               f"control_batches.means {tuple(means)} / sizes {sizes} do not match {G} genes")
     blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"network\.dit\.blocks\.(\d+)\.", k))}
     _check(len(blocks) == cfg.depth, weights, f"holds {len(blocks)} transformer blocks but depth={cfg.depth}")
     tok = raw.get("tokenizer_kwargs")
@@ -192,6 +201,8 @@ def read_model_folder(path: str | Path) -> tuple[CellDiTConfig, dict[str, Any]]:
         "noise_rank": int(raw.get("noise_rank") or 0), "covariate_groups": list(raw.get("covariate_groups") or []),
         "bank_x": tensors["bank_x"],
         "bank_library": tensors["bank_library"].numpy() if "bank_library" in tensors else None,
+        "control_batches": (tensors["control_batches.means"].numpy(), tensors["control_batches.sizes"].numpy())
+        if "control_batches.means" in tensors else None,
         "pca": (tensors["pca.mean"].numpy(), tensors["pca.components"].numpy()) if "pca.mean" in tensors else None,
         "normalisation": _optional_json(folder, "normalisation", {"space": "counts" if raw.get("space") ==
                                         "log1p_normalized" else "log1p", "basis": {"kind": "unknown"}}),

@@ -352,3 +352,18 @@ def _replace(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
+
+
+def check_output_size(n_cells: int, n_genes: int, out: Any) -> None:
+    """Refuse an output of ``n_cells`` x ``n_genes`` that cannot fit: in memory (``out=None``)
+    or on ``out``'s disk (float32 X at 80% of what there is; layers add to it)."""
+    from ..io import physical_memory
+
+    need = n_cells * n_genes * 4
+    if out is None:
+        have, where, hint = physical_memory(), "in memory", "; write them to a file with out= (--out)"
+    else:
+        have, where, hint = shutil.disk_usage(Path(out).resolve().parent).free, f"on the disk of {str(out)!r}", ""
+    if have and need > 0.8 * have:
+        raise ValueError(f"{n_cells:,} cells x {n_genes:,} genes need at least {need / 2**30:.1f} GiB "
+                         f"{where}, which has {have / 2**30:.1f} GiB{hint}; ask for fewer cells")

@@ -84,6 +84,7 @@ class Registration:
     pca: tuple[np.ndarray, np.ndarray] | None = None  # (mean (G,), components (G, k)) of the outputs' X_pca
     covariate_groups: list[str] = field(default_factory=list)  # code -> covariate values joined by \x1f
     noise_prior: tuple[np.ndarray, np.ndarray] | None = None  # (factor (G, k), sd (G,)) of the noise source
+    control_batches: tuple[np.ndarray, np.ndarray] | None = None  # (means (B, G), sizes (B,)) of the batches' controls
 
 
 def register(adata: AnnData, config: CellDiTConfig) -> Registration:
@@ -101,15 +102,19 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
                      "basis_genes": counts_source(adata, config.layer)[1] if expr.basis["kind"] == "total_counts"
                      else None}
     ctrl = spec.control_mask(adata)
+    cov_frame = spec.covariates(adata)
+    cov_group = group_codes(cov_frame)
+    pair_group = group_codes(pd.concat([cov_frame, adata.obs[list(config.pair_keys)].astype(str)], axis=1))
     sums, sizes = group_sums(expr, np.where(ctrl, 0, -1), 1)  # chunked: controls are never all dense at once
     reference = torch.from_numpy((sums[0] / max(sizes[0], 1)).astype(np.float32))
+    # the mean control cell of each batch (covariates + pair keys), for control_mean="pooled"
+    sums, sizes = group_sums(expr, np.where(ctrl, pair_group, -1), int(pair_group.max(initial=0)) + 1)
+    has = sizes > 0
+    control_batches = ((sums[has] / sizes[has, None]).astype(np.float32), sizes[has].astype(np.int64))
     rows = centred_rows(expr, adata, ctrl, list(config.pair_keys)) if config.centred else expr
     if not config.pair_keys:
         warn_batch_columns(adata, spec, expr, ctrl, config.seed)
     keys = cell_conditions(adata.obs, spec)
-    cov_frame = spec.covariates(adata)
-    cov_group = group_codes(cov_frame)
-    pair_group = group_codes(pd.concat([cov_frame, adata.obs[list(config.pair_keys)].astype(str)], axis=1))
     use_anchor = config.anchor
     anchor_group = pair_group if config.batch_anchored else cov_group
     table, cond_id = build_condition_table(keys, anchor_group, rows, len(genes), anchored=use_anchor,
@@ -147,7 +152,7 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     noise_prior = control_covariance(x_sample[cond_id[sample] == 0], NOISE_RANK) if config.source == "noise" else None
     return Registration(spec, genes, space, normalisation, reference, table, trained_groups, vocab, prior, tok_kwargs,
                         bank_x, bank_obs, bank_library, var, rows, cond_id, pair_group, cov_group, vocab.encode_covariates(cov_frame),
-                        ot_basis, x_sample, pca, covariate_groups, noise_prior)
+                        ot_basis, x_sample, pca, covariate_groups, noise_prior, control_batches)
 
 
 def control_covariance(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,11 +14,9 @@ Input cells are brought to the model's space on the model's normalisation basis 
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,12 +26,11 @@ from anndata import AnnData
 
 from ..data.rows import ExpressionRows
 from ..flow import anchored_source, integrate, velocity_fn
-from ..io import physical_memory
-from .borrowing import PriorBorrowing
+from .conditioning import ConditionRules
 from .config import SamplerConfig
+from .control_mean import check_control_mean, pooled_shift
 from .on_target import OnTargetRule
-from .outputs import OutputWriter, first_count_level
-from .vocab import parse_condition
+from .outputs import OutputWriter, check_output_size, first_count_level
 
 __all__ = ["CellSampler"]
 
@@ -53,102 +50,12 @@ class CellSampler:
         self.config = model.config
         self.network, self.spec, self.vocab = model.network, model.spec, model.vocab
         self.conditions, self.genes = model.conditions, model.genes
-
-    # ------------------------------------------------------------------ conditions
-    def _condition(self, label: str, dose: Any, x: torch.Tensor, cov: pd.DataFrame,
-                   batches: tuple[np.ndarray, dict[Any, np.ndarray]] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Label (+ dose) for sources ``x`` (n, G) with covariates ``cov`` ->
-        (pert_idx (1, K), pert_scale (1, K), anchors (n, G)).
-
-        A source whose covariate group never trained this condition gets the group-weighted
-        anchor of its group (see :class:`~celldit.cells.anchors.ConditionTable`), its
-        group's mean being the mean of those sources. With batch anchors (``batch_anchors``),
-        ``batches`` = (batch label of each source (n,), ``{label: its uncentred mean control
-        cell}``): each input batch gets the training batches' shifts weighted by likeness."""
-        key = parse_condition(str(label), dose, self.spec)
-        pert_idx, pert_scale = self.vocab.encode_conditions([key[0]], [key[1]])
-        n = x.shape[0]
-        if not self.config.anchor:
-            return pert_idx, pert_scale, np.zeros((n, len(self.genes)), np.float32)
-        anchors = np.repeat(self.conditions.anchor(key, neighbours=self._prior_neighbours)[None], n, axis=0)
-        if self.config.batch_anchored and batches is not None:
-            labels, means = batches
-            for b, mean in means.items():
-                anchors[labels == b] = self.conditions.anchor(key, mean, neighbours=self._prior_neighbours)
-        unseen = self._unseen_groups(label, dose, cov)
-        if unseen.any():
-            groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
-            for g in np.unique(groups[unseen]):
-                rows = np.flatnonzero(groups == g)
-                anchors[rows] = self.conditions.anchor(key, x[rows].mean(0).numpy(), neighbours=self._prior_neighbours)
-        untrained = [m for m in key[0] if not any(k[0] == (m,) for k in self.conditions.keys)]
-        if untrained and self.on_target_rule is not None:
-            self.on_target_rule.set_targets(anchors, untrained, self.genes, x.detach().cpu().numpy(),
-                                            batches if self.config.centred else None)
-        return pert_idx, pert_scale, anchors
+        self.rules = ConditionRules(model)
 
     @property
     def on_target_rule(self) -> OnTargetRule | None:
-        """The on-target rule fitted on the trained single perturbations (once; None when
-        fewer than three are named after a measured gene, or with ``on_target=False``)."""
-        if not self.config.on_target:
-            return None
-        if not hasattr(self, "_target_rule"):
-            self._target_rule = OnTargetRule.fit(self.conditions.single_rows(), self.conditions.anchors, self.genes,
-                                                 np.asarray(self.model.reference, dtype=np.float64))
-        return self._target_rule
-
-    def _borrowing(self) -> tuple[PriorBorrowing | None, dict[int, int], dict[str, int]]:
-        """The borrowing kernel over the trained single perturbations (fitted once, by
-        leave-one-out on those with prior features: see :mod:`celldit.cells.borrowing`),
-        ``{condition row: vocabulary index}`` of them, and the vocabulary index of every
-        perturbation."""
-        if not hasattr(self, "_borrow"):
-            enc = self.network.encoder
-            index = {p: i for i, p in enumerate(self.vocab.perturbations)}
-            rows = {i: index[p] for i, p in self.conditions.single_rows().items() if p in index}
-            has = np.array([bool(enc.has_prior[v]) for v in rows.values()], dtype=bool)
-            borrow = None
-            if has.any():
-                feats = enc.prior.detach().cpu().numpy()
-                gates = self.conditions.gates if self.conditions.gates is not None else np.ones(len(self.conditions.keys))
-                borrow = PriorBorrowing(feats[list(rows.values())], has, self.conditions.anchors[list(rows)],
-                                        np.asarray(gates)[list(rows)])
-            self._borrow = (borrow, rows, index)
-        return self._borrow
-
-    def _prior_feature(self, name: str) -> np.ndarray | None:
-        enc = self.network.encoder
-        _, _, index = self._borrowing()
-        if name not in index or not bool(enc.has_prior[index[name]]):
-            return None
-        return enc.prior[index[name]].detach().cpu().numpy()
-
-    def _prior_neighbours(self, name: str) -> dict[int, float]:
-        """``{condition row: weight}`` for a perturbation never trained: the trained single
-        perturbations weighted by the leave-one-out-fitted kernel on prior features (or all
-        alike, when the features predict nothing better; the weights sum to its scale in
-        [0, 1]); empty without prior features for ``name``."""
-        borrow, rows, _ = self._borrowing()
-        feature = self._prior_feature(name)
-        if borrow is None or feature is None:
-            return {}
-        return {r: float(v) for r, v in zip(rows, borrow.weights(feature))}
-
-    def _velocity_gate(self, label: str, dose: Any) -> float:
-        """The factor of the network's velocity for a condition: its shrinkage gate with
-        ``gate_velocity`` and a control source (a noise source must move noise to cells), else 1.
-        An untrained single perturbation with prior features gets its borrowed gate."""
-        if not (self.config.gate_velocity and self.config.source == "control" and self.config.anchor):
-            return 1.0
-        key = parse_condition(str(label), dose, self.spec)
-        if len(key[0]) == 1 and not any(k[0] == key[0] for k in self.conditions.keys):  # never trained
-            borrow, _, _ = self._borrowing()
-            feature = self._prior_feature(key[0][0])
-            if borrow is not None and feature is not None:
-                return borrow.gate(feature)
-        return self.conditions.gate(key)
+        """The on-target rule of untrained perturbations (see :class:`ConditionRules`)."""
+        return self.rules.on_target_rule
 
     def _solver(self, steps: int | None, method: str | None) -> tuple[str, int]:
         m, s = self.config.sampler.solver(self.config.source)
@@ -234,7 +141,7 @@ class CellSampler:
                        seed: int = 0, batch_size: int | None = None, layer: str | None = None,
                        size_factor_key: str | None = None, input_space: str = "auto", counts: bool = False,
                        raw_layer: bool = False, out: str | None = None, overwrite: bool = False,
-                       support: str = "discrete") -> AnnData:
+                       support: str = "discrete", control_mean: str = "observed") -> AnnData:
         """What the control cells of ``adata_control`` would look like under each perturbation.
 
         Parameters
@@ -275,6 +182,14 @@ class CellSampler:
             larger values stay as they are), ``"rescale"`` (negative values to 0, the gene's
             positive values scaled to keep its mean), ``"clip"`` or ``"none"`` (see
             :mod:`celldit.cells.outputs`).
+        control_mean
+            The mean control cell each batch's cells are moved with: ``"observed"`` (the
+            mean of its control cells: every cell keeps its own counterfactual) or
+            ``"pooled"`` (that mean pooled with the training batches' by their precision,
+            see :mod:`celldit.cells.control_mean`: every cell of a batch moves by one more
+            vector, and the cells become the expected *measured* population under P, the
+            one a real sample would show against these same controls). A batch is a
+            value of the registered covariates and pair keys the input has.
         out
             Write the cells to this ``.h5ad`` block by block (bounded memory) and return it
             opened backed; None returns an in-memory AnnData.
@@ -289,6 +204,7 @@ class CellSampler:
         ``celldit_source`` (the control cell's name); ``obsm['X_pca']`` (the model's PCA).
         """
         self._check_dose(dose)
+        check_control_mean(control_mean)
         settings = self._settings(steps=steps, method=method, cfg_scale=cfg_scale, batch_size=batch_size)
         cfg_scale, batch_size = settings.cfg_scale, settings.batch_size
         labels = [perturbation] if isinstance(perturbation, str) else list(perturbation)
@@ -297,7 +213,7 @@ class CellSampler:
         controls = self._controls_of(adata_control)
         if controls.n_obs == 0:
             raise ValueError("adata_control has 0 cells: give at least one control cell to start from")
-        self._check_size(controls.n_obs * len(labels), out)
+        check_output_size(controls.n_obs * len(labels), len(self.genes), out)
         rows = self.input_rows(controls, layer, size_factor_key, input_space)
         x = torch.from_numpy(rows.all_rows())
         library = rows.library_sizes(np.arange(controls.n_obs))
@@ -305,6 +221,12 @@ class CellSampler:
         batch = self._input_batches(controls)
         offset = self._input_centers(batch, x)
         batches = (batch, {b: offset[np.flatnonzero(batch == b)[0]].numpy() for b in np.unique(batch)})
+        if control_mean == "pooled":  # a batch: a value of the covariates and pair keys the input has
+            keys = [k for k in (*self.spec.covariate_keys, *self.config.pair_keys) if k in controls.obs.columns]
+            pooled = self._pooled_shift(x, controls.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys
+                                        else np.zeros(controls.n_obs, dtype=object))
+        else:
+            pooled = torch.zeros_like(x)
         x = x - offset
         cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
         cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
@@ -322,13 +244,13 @@ class CellSampler:
             source = x if self.config.source == "control" else self._invert(x, cov_idx, steps, method, batch_size)
             names = controls.obs_names.astype(str).to_numpy()
             for label in labels:
-                pert = self._condition(label, dose, x, cov, batches)
-                codes = self._covariate_codes(label, dose, cov, cov_idx)
+                pert = self.rules.condition(label, dose, x, cov, batches)
+                codes = self.rules.covariate_codes(label, dose, cov, cov_idx)
                 for start in range(0, len(names), batch_size):
                     sl = slice(start, start + batch_size)
                     part = (pert[0], pert[1], pert[2][sl])
                     y = self._transport(source[sl], part, codes[sl], steps, method, cfg_scale, batch_size,
-                                        gate=self._velocity_gate(label, dose)) + offset[sl]
+                                        gate=self.rules.velocity_gate(label, dose)) + offset[sl] + pooled[sl]
                     obs = self._labels_obs(label, dose, cov.iloc[sl], [f"{c}-{label}" for c in names[sl]])
                     obs["celldit_source"] = names[sl]
                     writer.add(y.numpy(), obs, None if library is None else library[sl], levels[sl])
@@ -337,23 +259,13 @@ class CellSampler:
             raise
         return writer.finish()
 
-    def _covariate_codes(self, label: str, dose: Any, cov: pd.DataFrame, cov_idx: np.ndarray) -> np.ndarray:
-        """Covariate codes for condition ``label``: a cell whose covariate group never saw
-        this (trained) condition gets the "unknown" codes, which a model trained with
-        ``covariate_dropout`` learned to use (prediction from the cell's state)."""
-        if not self.config.covariate_dropout:
-            return cov_idx
-        unknown = np.array([len(v) for v in self.vocab.covariates.values()], dtype=cov_idx.dtype)
-        return np.where(self._unseen_groups(label, dose, cov)[:, None], unknown[None, :], cov_idx)
-
-    def _unseen_groups(self, label: str, dose: Any, cov: pd.DataFrame) -> np.ndarray:
-        """(n,) bool: the cell's covariate group never trained the (trained) condition ``label``."""
-        row = self.conditions.row(parse_condition(str(label), dose, self.spec))
-        if not self.spec.covariate_keys or row is None:
-            return np.zeros(len(cov), dtype=bool)
-        groups = cov.astype(str).agg("\x1f".join, axis=1).to_numpy()
-        trained = set(self.model.trained_groups)
-        return np.array([f"{row}\x1e{g}" not in trained for g in groups], dtype=bool)
+    def _pooled_shift(self, x: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
+        """(n, G) pooled minus observed mean control cell of each input cell's ``batch``."""
+        if self.model.control_batches is None:
+            raise ValueError("control_mean='pooled' needs the training batches' mean control cells, which this "
+                             "model was saved without (before celldit added them): refit it, or use "
+                             "control_mean='observed'")
+        return torch.from_numpy(pooled_shift(x.numpy(), batch, *self.model.control_batches))
 
     def _input_batches(self, controls: AnnData) -> np.ndarray:
         """(n,) batch of each input cell: its values of the pair keys the input has (else one batch)."""
@@ -376,17 +288,6 @@ class CellSampler:
         """The model's sampler settings with a call's values (checked like the config's)."""
         return replace(self.config.sampler, **{k: v for k, v in given.items() if v is not None})
 
-    def _check_size(self, n_cells: int, out: Any) -> None:
-        """Refuse an output that cannot fit: in memory (``out=None``) or on ``out``'s disk."""
-        need = n_cells * len(self.genes) * 4  # float32 X; layers add to it
-        if out is None:
-            have, where, hint = physical_memory(), "in memory", "; write them to a file with out= (--out)"
-        else:
-            have, where, hint = shutil.disk_usage(Path(out).resolve().parent).free, f"on the disk of {str(out)!r}", ""
-        if have and need > 0.8 * have:
-            raise ValueError(f"{n_cells:,} cells x {len(self.genes):,} genes need at least {need / 2**30:.1f} GiB "
-                             f"{where}, which has {have / 2**30:.1f} GiB{hint}; ask for fewer cells")
-
     def _controls_of(self, adata: AnnData) -> AnnData:
         key = self.spec.perturbation_key
         if key not in adata.obs.columns:
@@ -399,7 +300,8 @@ class CellSampler:
     def generate(self, condition: str | Mapping[str, Any], n: int = 100, *, steps: int | None = None,
                  method: str | None = None, cfg_scale: float | None = None, seed: int = 0, counts: bool = False,
                  raw_layer: bool = False, out: str | None = None, overwrite: bool = False,
-                 controls: AnnData | None = None, support: str = "balance") -> AnnData:
+                 controls: AnnData | None = None, support: str = "balance", control_mean: str = "observed"
+                 ) -> AnnData:
         """``n`` new cells under ``condition``.
 
         Parameters
@@ -427,12 +329,15 @@ class CellSampler:
             Control cells of the batch to generate in (a centred model): their mean is the
             batch's offset, in place of the training controls' mean. E.g. generating cells of
             a new replicate from its controls' mean only.
+        control_mean
+            With ``controls``: ``"observed"`` (their mean) or ``"pooled"`` (their mean pooled
+            with the training batches', see :meth:`counterfactual`).
         """
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n={n!r}: the number of cells must be an integer >= 1")
         settings = self._settings(steps=steps, method=method, cfg_scale=cfg_scale)
         cfg_scale, batch_size = settings.cfg_scale, settings.batch_size
-        self._check_size(int(n), out)
+        check_output_size(int(n), len(self.genes), out)
         cond = {self.spec.perturbation_key: condition} if isinstance(condition, str) else dict(condition)
         if self.spec.perturbation_key not in cond:
             raise KeyError(f"condition needs the perturbation key {self.spec.perturbation_key!r}")
@@ -441,10 +346,15 @@ class CellSampler:
             raise KeyError(f"condition needs a value for the covariate(s) {missing} registered with the model")
         label, dose = cond[self.spec.perturbation_key], cond.get(self.spec.dose_key) if self.spec.dose_key else None
         self._check_dose(cond.get("dose") if self.spec.dose_key is None else None)
-        offset = self.model.reference
+        check_control_mean(control_mean)
+        offset, pooled = self.model.reference, 0.0
         if controls is not None:
-            rows = self.input_rows(self._controls_of(controls))
-            offset = torch.from_numpy(rows.all_rows().mean(0))
+            given = torch.from_numpy(self.input_rows(self._controls_of(controls)).all_rows())
+            offset = given.mean(0)
+            if control_mean == "pooled":  # all of them one batch: the one generated in
+                pooled = self._pooled_shift(given, np.zeros(len(given), dtype=object))[0]
+        elif control_mean == "pooled":
+            raise ValueError("control_mean='pooled' pools the mean of the control cells given: pass controls=")
         gen = torch.Generator().manual_seed(seed)
         bank_x, bank_obs = self.model.bank_x, self.model.bank_obs
         pool = np.arange(len(bank_obs))
@@ -474,7 +384,7 @@ class CellSampler:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
                 cov = pd.DataFrame({k: [str(cond[k])] * m for k in self.spec.covariate_keys}, index=range(m))
-                cov_idx = self._covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=m))
+                cov_idx = self.rules.covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=m))
                 if self.config.source == "noise":
                     x0 = prior_mean + self.network.source_noise((m, len(self.genes)), generator=gen).cpu()
                     pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()] if counts else None
@@ -482,10 +392,11 @@ class CellSampler:
                     pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()]
                     x0 = bank_x[pick]
                 one = (np.zeros(m, dtype=object), {0: np.asarray(offset, dtype=np.float32)})  # one batch: its mean
-                x = self._transport(x0, self._condition(label, dose, x0, cov, one), cov_idx, steps, method,
-                                    cfg_scale, batch_size, gate=self._velocity_gate(label, dose))
+                x = self._transport(x0, self.rules.condition(label, dose, x0, cov, one), cov_idx, steps, method,
+                                    cfg_scale, batch_size, gate=self.rules.velocity_gate(label, dose))
                 if self.config.centred:  # the model's cells are relative to their batch's controls
                     x = x + offset
+                x = x + pooled
                 library = None if pick is None or self.model.bank_library is None else self.model.bank_library[pick]
                 levels = None if library is None else first_count_level(None, library)
                 obs = self._labels_obs(label, dose, cov, [f"celldit-{i}" for i in range(start, start + m)])

@@ -51,6 +51,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="obs column of each input cell's library size (default: the model's normalisation basis)")
     p.add_argument("--input-space", choices=("auto", "counts", "log1p"), default="auto",
                    help="what the input's values are (auto: counts when all are whole numbers, else log1p)")
+    p.add_argument("--control-mean", choices=("observed", "pooled"), default="observed",
+                   help="the mean control cell each batch's cells are moved with: observed (default: its control "
+                        "cells' mean; each cell keeps its own counterfactual) or pooled (that mean pooled with the "
+                        "training batches' by their precision: the expected measured population under P, as a real "
+                        "sample would show it against these same controls)")
     add_sampling_arguments(p, support="discrete")
     p.set_defaults(func=run)
     return p
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                                 cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.chunk_size,
                                 layer=args.layer, size_factor_key=args.size_factor_key, input_space=args.input_space,
                                 counts=args.counts, raw_layer=args.raw_layer, out=out, overwrite=args.overwrite,
-                                support=args.support)
+                                support=args.support, control_mean=args.control_mean)
     if pred.isbacked:
         pred.file.close()
     n_src = pred.n_obs // len(labels)

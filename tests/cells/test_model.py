@@ -436,14 +436,14 @@ def test_untrained_covariate_pairs_use_the_unknown_token():
     codes = model.vocab.encode_covariates(cov)
     unknown = len(model.vocab.covariates["cell_type"])
     assert codes[:, 0].tolist() == [0, 1]
-    assert model.sampler._covariate_codes("P", None, cov, codes)[:, 0].tolist() == [0, unknown]
-    assert model.sampler._covariate_codes("Q", None, cov, codes)[:, 0].tolist() == [0, 1]  # Q was trained in both
+    assert model.sampler.rules.covariate_codes("P", None, cov, codes)[:, 0].tolist() == [0, unknown]
+    assert model.sampler.rules.covariate_codes("Q", None, cov, codes)[:, 0].tolist() == [0, 1]  # Q was trained in both
     # training hides the codes of about half the blocks, behind the unknown row
     train, _ = model._batches(CellFitConfig(max_steps=40, batch_size=128, block_size=16), 0)
     codes_seen = np.concatenate([b["cov_idx"].numpy()[:, 0] for b in train])
     assert 0.35 < (codes_seen == unknown).mean() < 0.65 and set(codes_seen) == {0, 1, unknown}
     nodrop = build(adata[keep].copy(), covariate_keys=["cell_type"], covariate_dropout=0.0)
-    assert nodrop.sampler._covariate_codes("P", None, cov, codes)[:, 0].tolist() == [0, 1]
+    assert nodrop.sampler.rules.covariate_codes("P", None, cov, codes)[:, 0].tolist() == [0, 1]
 
 
 def test_held_out_cell_type_borrows_from_types_alike_at_baseline(tmp_path):

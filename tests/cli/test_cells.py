@@ -186,6 +186,17 @@ def test_counterfactual_of_the_control_label_is_the_input(files, capsys):
     np.testing.assert_allclose(np.asarray(pred.X), expected.X.toarray(), rtol=0, atol=1e-6)  # float32 rounding
 
 
+def test_counterfactual_pooled_control_mean_moves_every_cell_alike(files, capsys):
+    paths = {how: files["dir"] / f"cf_{how}.h5ad" for how in ("observed", "pooled")}
+    for how, out in paths.items():
+        code, _, _ = _run(["counterfactual", files["model"], "--input", files["r2"], "--perturbation", "KO1",
+                           "--support", "none", "--control-mean", how, "--out", out], capsys)
+        assert code == 0
+    moved = np.asarray(ad.read_h5ad(paths["pooled"]).X) - np.asarray(ad.read_h5ad(paths["observed"]).X)
+    np.testing.assert_allclose(moved, np.broadcast_to(moved[0], moved.shape), atol=1e-5)  # one vector per batch
+    assert np.abs(moved[0]).max() > 1e-3
+
+
 def test_counterfactual_errors(files, capsys):
     out = files["dir"] / "cf_bad.h5ad"
     code, _, err = _run(["counterfactual", files["model"], "--input", files["r2"], "--perturbation", "KO1",
