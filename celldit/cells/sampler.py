@@ -112,11 +112,11 @@ class CellSampler:
             raise
 
     def _writer(self, var: pd.DataFrame, counts: bool, raw_layer: bool, out: Any, overwrite: bool,
-                seed: int, support: str) -> OutputWriter:
+                seed: int, support: str, control_mean: str) -> OutputWriter:
         space = self.model.space
         uns = {"space": space, "target_sum": 1e4 if space == "log1p_normalized" else None,
                "source": self.config.source, "tokenizer": self.config.tokenizer,
-               "perturbation_key": self.spec.perturbation_key, "support": support}
+               "perturbation_key": self.spec.perturbation_key, "support": support, "control_mean": control_mean}
         categorical = [self.spec.perturbation_key, *self.spec.covariate_keys, "celldit_source"]
         return OutputWriter(var, uns, categorical, pca=self.model.pca, counts=counts, raw_layer=raw_layer, path=out,
                             overwrite=overwrite, seed=seed, support=support)
@@ -237,7 +237,8 @@ class CellSampler:
                               "unknown covariate token and anchors from their own controls (a held-out group)",
                               stacklevel=3)
         source_var = controls.raw.var if layer == "raw" else controls.var
-        writer = self._writer(source_var.loc[self.genes].copy(), counts, raw_layer, out, overwrite, seed, support)
+        writer = self._writer(source_var.loc[self.genes].copy(), counts, raw_layer, out, overwrite, seed, support,
+                              control_mean)
         torch.manual_seed(seed)
         try:
             # noise source: invert once under the control condition, then generate under each label
@@ -379,7 +380,8 @@ class CellSampler:
             raise ValueError("support='discrete' rounds each cell at its source cell's first count level: cells "
                              "generated from noise (or from a bank without library sizes, a model fitted on log1p "
                              "values) have none; use support='balance' (generate's default)")
-        writer = self._writer(self.model.var.copy(), counts, raw_layer, out, overwrite, seed, support)
+        writer = self._writer(self.model.var.copy(), counts, raw_layer, out, overwrite, seed, support,
+                              control_mean if controls is not None else "observed")
         try:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)

@@ -101,6 +101,7 @@ def test_counterfactual_with_pooled_control_mean(tmp_path):
     want = pooled_shift(new.X, np.zeros(new.n_obs), means, sizes)[0]
     np.testing.assert_allclose(pooled.X - observed.X, np.broadcast_to(want, observed.shape), atol=1e-5)
     assert np.abs(want).max() > 0.01  # it moved
+    assert (observed.uns["celldit"]["control_mean"], pooled.uns["celldit"]["control_mean"]) == ("observed", "pooled")
     # the saved model pools alike
     model.save(tmp_path / "m")
     again = CellDiT.load(tmp_path / "m").counterfactual(new, "P", support="none", control_mean="pooled")
