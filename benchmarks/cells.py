@@ -99,7 +99,7 @@ def _first_levels(model: CellDiT, controls: ad.AnnData, pred: ad.AnnData) -> np.
     """(n,) first count level of each predicted cell's source control cell (``celldit_source``)."""
     rows = model.sampler.input_rows(controls)
     library = rows.library_sizes(np.arange(controls.n_obs))
-    levels = first_count_level(None if library is not None else rows.all_rows(), library)
+    levels = first_count_level(None, library) if library is not None else rows.smallest_positive()
     return levels[controls.obs_names.get_indexer(pred.obs["celldit_source"].astype(str))]
 
 

@@ -16,8 +16,8 @@ Every block of predicted cells goes through the same steps:
     Papalexi rep_3 the fraction of cells detecting a gene was off by 0.153 on average with
     ``"balance"``, 0.022 with ``"discrete"`` and 0.025 for the unperturbed controls
     (E-distance -0.002, three seeds; ``docs/cells.md``). It needs each cell's first count
-    level: the source cell's (from its library size, or its smallest positive value for log1p
-    input).
+    level: the source cell's (from its library size, or for log1p input its smallest positive
+    value over all the input's genes, :meth:`~celldit.data.rows.ExpressionRows.smallest_positive`).
   - ``"balance"`` (default of ``generate``) sets each gene's negative values to 0 together
     with its smallest positive values, as many as balance the negative mass over the block,
     so that the gene's mean is unchanged and values away from 0 stay as they are;

@@ -217,7 +217,9 @@ class CellSampler:
         rows = self.input_rows(controls, layer, size_factor_key, input_space)
         x = torch.from_numpy(rows.all_rows())
         library = rows.library_sizes(np.arange(controls.n_obs))
-        levels = first_count_level(x.numpy(), library)  # where a detected gene starts, per source cell
+        # where a detected gene starts, per source cell: one count at its library size, or for
+        # log1p input its smallest positive value over all the input's genes
+        levels = first_count_level(None, library) if library is not None else rows.smallest_positive()
         batch = self._input_batches(controls)
         offset = self._input_centers(batch, x)
         batches = (batch, {b: offset[np.flatnonzero(batch == b)[0]].numpy() for b in np.unique(batch)})

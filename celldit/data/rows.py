@@ -298,6 +298,26 @@ class ExpressionRows:
             self._normalise(x, idx)
         return x
 
+    def smallest_positive(self, chunk: int = CHUNK) -> np.ndarray:
+        """(n_obs,) each cell's smallest positive value over *every* gene of the source (not only
+        the model's), as stored; 0 for a cell without one. For log1p input it is the value of one
+        count in that cell (a gene seen once, which sparse cells nearly always have somewhere)."""
+        out = np.zeros(self.n_obs)
+        for start in range(0, self.n_obs, chunk):
+            block = self._source_block(np.arange(start, min(self.n_obs, start + chunk)))
+            if sp.issparse(block):
+                block = sp.csr_matrix(block, dtype=np.float64)
+                data = np.where(block.data > 0, block.data, np.inf)
+                nnz = np.diff(block.indptr) > 0
+                smallest = np.full(block.shape[0], np.inf)
+                if nnz.any():
+                    smallest[nnz] = np.minimum.reduceat(data, block.indptr[:-1][nnz])
+            else:
+                x = np.asarray(block, dtype=np.float64)
+                smallest = np.where(x > 0, x, np.inf).min(1) if x.shape[1] else np.full(len(x), np.inf)
+            out[start: start + len(smallest)] = np.where(np.isfinite(smallest), smallest, 0.0)
+        return out
+
     def all_rows(self, idx: np.ndarray | None = None, chunk: int = CHUNK) -> np.ndarray:
         """Dense rows ``idx`` (default all), read in chunks."""
         idx = np.arange(self.n_obs) if idx is None else np.asarray(idx)

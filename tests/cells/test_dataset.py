@@ -91,6 +91,22 @@ def test_expression_rows_in_memory_and_backed_equal_hand_normalisation(tmp_path)
     np.testing.assert_array_equal(mem.rows(IDX), dense_mem.rows(IDX))
 
 
+def test_smallest_positive_reads_every_gene_of_the_source(tmp_path):
+    """A log1p cell's first count level comes from all its genes, not only the model's: here
+    the one-count value of cells 0 and 1 lies in a gene the model does not keep."""
+    counts = np.array([[1, 0, 3, 6], [0, 2, 4, 0], [0, 0, 0, 0], [5, 5, 5, 5]], dtype=float)
+    logged = np.log1p(1e4 * counts / np.maximum(counts.sum(1, keepdims=True), 1)).astype(np.float32)
+    want = [np.log1p(1e4 / 10), np.log1p(2e4 / 6), 0.0, np.log1p(1e4 / 4)]
+    var = pd.DataFrame(index=["a", "b", "c", "d"])
+    path = tmp_path / "logged.h5ad"
+    AnnData(sp.csr_matrix(logged), var=var).write_h5ad(path)
+    for adata in (AnnData(sp.csr_matrix(logged), var=var), AnnData(logged, var=var), ad.read_h5ad(path, backed="r")):
+        rows = ExpressionRows(adata, ["c", "d"], input_space="log1p")
+        np.testing.assert_allclose(rows.smallest_positive(chunk=3), want, rtol=1e-6)
+        model_genes_only = np.where(rows.all_rows() > 0, rows.all_rows(), np.inf).min(1)
+        assert model_genes_only[0] > want[0] and model_genes_only[1] > want[1]  # what was read before
+
+
 def test_cached_rows_are_normalised_once_and_equal_uncached_reads(tmp_path):
     """A training buffer holds its rows normalised; reads from it equal reads from the source
     bit for bit (sparse or dense, in memory or backed), and rows outside it still normalise."""
