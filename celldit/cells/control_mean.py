@@ -31,12 +31,22 @@ effect; keep ``"observed"`` (the default) for a cell's own counterfactual, and f
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Sequence
 
-__all__ = ["CONTROL_MEANS", "pooled_control_mean", "pooled_shift", "check_control_mean"]
+import numpy as np
+import pandas as pd
+
+__all__ = ["CONTROL_MEANS", "batch_labels", "check_control_mean", "pooled_control_mean", "pooled_shift"]
 
 #: how the mean control cell of an input batch is taken (see the module notes)
 CONTROL_MEANS = ("observed", "pooled")
+
+
+def batch_labels(obs: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
+    """(n,) batch of each cell: its values of those of ``keys`` that ``obs`` has, joined by "/"
+    (one batch when it has none of them)."""
+    keys = [k for k in keys if k in obs.columns]
+    return obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys else np.zeros(len(obs), dtype=object)
 
 
 def check_control_mean(how: str) -> None:

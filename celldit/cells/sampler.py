@@ -28,7 +28,7 @@ from ..data.rows import ExpressionRows
 from ..flow import anchored_source, integrate, velocity_fn
 from .conditioning import ConditionRules
 from .config import SamplerConfig
-from .control_mean import check_control_mean, pooled_shift
+from .control_mean import batch_labels, check_control_mean, pooled_shift
 from .on_target import OnTargetRule
 from .outputs import OutputWriter, check_output_size, first_count_level
 
@@ -220,15 +220,12 @@ class CellSampler:
         # where a detected gene starts, per source cell: one count at its library size, or for
         # log1p input its smallest positive value over all the input's genes
         levels = first_count_level(None, library) if library is not None else rows.smallest_positive()
-        batch = self._input_batches(controls)
+        batch = batch_labels(controls.obs, self.config.pair_keys)
         offset = self._input_centers(batch, x)
         batches = (batch, {b: offset[np.flatnonzero(batch == b)[0]].numpy() for b in np.unique(batch)})
-        if control_mean == "pooled":  # a batch: a value of the covariates and pair keys the input has
-            keys = [k for k in (*self.spec.covariate_keys, *self.config.pair_keys) if k in controls.obs.columns]
-            pooled = self._pooled_shift(x, controls.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys
-                                        else np.zeros(controls.n_obs, dtype=object))
-        else:
-            pooled = torch.zeros_like(x)
+        # pooled: a batch is a value of the covariates and pair keys the input has
+        pooled = self._pooled_shift(x, batch_labels(controls.obs, (*self.spec.covariate_keys, *self.config.pair_keys))
+                                    ) if control_mean == "pooled" else torch.zeros_like(x)
         x = x - offset
         cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
         cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
@@ -269,12 +266,6 @@ class CellSampler:
                              "model was saved without (before celldit added them): refit it, or use "
                              "control_mean='observed'")
         return torch.from_numpy(pooled_shift(x.numpy(), batch, *self.model.control_batches))
-
-    def _input_batches(self, controls: AnnData) -> np.ndarray:
-        """(n,) batch of each input cell: its values of the pair keys the input has (else one batch)."""
-        keys = [k for k in self.config.pair_keys if k in controls.obs.columns]
-        return controls.obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys \
-            else np.zeros(controls.n_obs, dtype=object)
 
     def _input_centers(self, batch: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         """(n, G) offset of each input cell: the mean of the input's control cells of its
