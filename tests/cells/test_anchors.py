@@ -113,21 +113,37 @@ def test_condition_table_anchors_are_mean_shifts_averaged_over_groups():
 
 
 def test_group_weighted_anchor_by_hand_and_saved():
-    """Group shifts averaged with weights exp(-|c - c_g|^2 / h), h the median squared
-    distance between the groups' mean control cells."""
+    """Group shifts averaged with weights exp(-|c - c_g|^2 / h), h a factor times the median
+    squared distance between the groups' mean control cells, the factor chosen by
+    leave-one-group-out on the groups' own shifts."""
+    from celldit.cells.borrowing import BANDWIDTH_FACTORS
+
     ctrl, a, b = condition_key([]), condition_key(["A"]), condition_key(["B"])
     controls = {0: np.array([0.0, 0.0]), 1: np.array([1.0, 0.0]), 2: np.array([10.0, 0.0])}
     shifts = {(1, 0): np.array([1.0, 0.0]), (1, 1): np.array([3.0, 0.0]), (1, 2): np.array([0.0, 9.0])}
     table = ConditionTable([ctrl, a, b], np.array([[0, 0], [4 / 3, 3], [5, 5]], np.float32), shifts, controls)
-    assert table.bandwidth == 81.0  # median of 1, 100, 81
+    # leave-one-group-out by hand: each group's shift from the other two (d2 between controls)
+    d2 = {(0, 1): 1.0, (0, 2): 100.0, (1, 2): 81.0}
+    errors = []
+    for factor in BANDWIDTH_FACTORS:
+        err = 0.0
+        for g in range(3):
+            others = [o for o in range(3) if o != g]
+            dist = np.array([d2[tuple(sorted((g, o)))] for o in others])
+            w = np.exp(-(dist - dist.min()) / (81.0 * factor))  # 81: median of 1, 100, 81
+            err += float(((w @ np.stack([shifts[(1, o)] for o in others]) / w.sum() - shifts[(1, g)]) ** 2).sum())
+        errors.append(err)
+    chosen = [f for f, e in zip(BANDWIDTH_FACTORS, errors) if e <= min(errors) * 1.01][-1]
+    assert table.bandwidth_factor == chosen and table.bandwidth == 81.0 * chosen
+    h = table.bandwidth
     c = np.array([0.5, 0.0])  # a new group's cells, between groups 0 and 1, far from 2
-    w = np.exp(-np.array([0.25, 0.25, 90.25]) / 81.0)
+    w = np.exp(-np.array([0.25, 0.25, 90.25]) / h)
     want = (w[0] * shifts[(1, 0)] + w[1] * shifts[(1, 1)] + w[2] * shifts[(1, 2)]) / w.sum()
     np.testing.assert_allclose(table.anchor(a, c), want, rtol=1e-6)
     np.testing.assert_allclose(table.anchor(a), [4 / 3, 3])  # without cells: the plain anchor
     np.testing.assert_allclose(table.anchor(b, c), [5, 5])  # B: one group, its anchor
     # group 0 held out: groups 1 and 2 weighted by their distance to group 0's controls
-    w0 = np.exp(-np.array([1.0, 100.0]) / 81.0)
+    w0 = np.exp(-np.array([0.0, 99.0]) / h)
     np.testing.assert_allclose(table.held_out_anchor(1, 0), (w0[0] * shifts[(1, 1)] + w0[1] * shifts[(1, 2)]) / w0.sum(),
                                rtol=1e-6)
     assert table.held_out_anchor(2, 0) is None
@@ -135,6 +151,24 @@ def test_group_weighted_anchor_by_hand_and_saved():
     assert back.bandwidth == table.bandwidth
     np.testing.assert_allclose(back.anchor(a, c), table.anchor(a, c))
     np.testing.assert_allclose(back.held_out_anchor(1, 0), table.held_out_anchor(1, 0))
+
+
+def test_leave_one_group_out_bandwidth_follows_what_the_groups_shifts_show():
+    """Two clusters of groups at baseline (a: 0-2, b: 10-12 on gene 0). When the shifts follow
+    the clusters, a narrow kernel predicts each group from its own cluster and wins; when they
+    alternate between neighbours, the plain mean (an infinite bandwidth) does. Two groups: the median heuristic."""
+    ctrl, a = condition_key([]), condition_key(["A"])
+    controls = {g: np.array([x, 0.0]) for g, x in enumerate([0.0, 1.0, 2.0, 10.0, 11.0, 12.0])}
+    rng = np.random.default_rng(0)
+    clustered = {(1, g): np.array([0.0, 5.0 if g < 3 else -5.0]) + 0.1 * rng.standard_normal(2) for g in range(6)}
+    table = ConditionTable([ctrl, a], np.zeros((2, 2), np.float32), clustered, controls)
+    assert table.bandwidth_factor <= 0.25
+    assert table.group_weighted_anchor(1, np.array([0.5, 0.0]))[1] > 4.5  # borrowed from its own cluster
+    unrelated = {(1, g): np.array([0.0, (-1.0) ** g]) for g in range(6)}  # neighbours at baseline differ most
+    assert ConditionTable([ctrl, a], np.zeros((2, 2), np.float32), unrelated, controls).bandwidth_factor == np.inf
+    two = {g: controls[g] for g in (0, 3)}
+    pair = ConditionTable([ctrl, a], np.zeros((2, 2), np.float32), {(1, 0): np.ones(2), (1, 3): -np.ones(2)}, two)
+    assert pair.bandwidth_factor == 1.0 and pair.bandwidth == 100.0
 
 
 def test_norman_toy_gears_labels():
