@@ -73,7 +73,8 @@ def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
                     anchor_shrinkage=shrinkage, batch_anchors=not args.no_batch_anchors,
                     gate_velocity=not args.no_gate_velocity, on_target=not args.no_on_target,
                     hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
-                    cfg_dropout=args.cfg_dropout, covariate_dropout=args.covariate_dropout, seed=args.seed)
+                    cfg_dropout=args.cfg_dropout, covariate_dropout=args.covariate_dropout,
+                    group_bandwidth=args.group_bandwidth, seed=args.seed)
     t1 = time.perf_counter()
     model.fit(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
               trainer={"progress_bar": False, "accelerator": "cpu", "logger": None})
@@ -384,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-dropout", type=float, default=0.2)
     parser.add_argument("--cell-types", nargs="+", default=None, help="kang: hold out only these cell types")
     parser.add_argument("--covariate-dropout", type=float, default=0.2)
+    parser.add_argument("--group-bandwidth", default="median", choices=["median", "leave_one_group_out"],
+                        help="kernel bandwidth of a held-out covariate group's anchor (see CellDiTConfig)")
     parser.add_argument("--n-controls", type=int, default=0,
                         help="carry only this many test control cells (seeded draw; 0 = all)")
     parser.add_argument("--max-steps", type=int, default=1500)

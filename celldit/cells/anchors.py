@@ -56,11 +56,11 @@ class ConditionTable:
     A covariate group that never saw a condition gets a *group-weighted* anchor: the
     condition's group shifts averaged with kernel weights ``exp(-|c - c_g|^2 / h)``, where
     ``c`` is the mean of the cells the prediction starts from, ``c_g`` a trained group's
-    mean control cell and ``h`` a factor times the median squared distance between the
-    training groups' mean control cells (the median heuristic). The factor (1/8 to 4, or
-    infinite: the plain mean) is chosen by leave-one-group-out on the training groups' own
-    shifts when a condition was trained in three groups or more (``bandwidth_factor``; 1
-    otherwise). Groups alike at baseline weigh more: a held-out monocyte type borrows mostly
+    mean control cell and ``h`` the median squared distance between the training groups'
+    mean control cells (the median heuristic). With ``bandwidth_rule="leave_one_group_out"``
+    ``h`` is that times a factor (1/8 to 4, or infinite: the plain mean) chosen on the
+    training groups' own shifts, each predicted from the other groups' (when a condition was
+    trained in three groups or more; ``bandwidth_factor``). Groups alike at baseline weigh more: a held-out monocyte type borrows mostly
     from the other monocytes. With one group, or far apart groups alike, this is the plain
     mean of the mean-shift baseline.
     """
@@ -70,6 +70,7 @@ class ConditionTable:
     group_shifts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
     group_controls: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     gates: np.ndarray | None = field(default=None, repr=False)  # (n_conditions,) shrinkage gates
+    bandwidth_rule: str = "median"  # or "leave_one_group_out" (see the class notes)
 
     def __post_init__(self) -> None:
         self._row = {k: i for i, k in enumerate(self.keys)}
@@ -80,7 +81,7 @@ class ConditionTable:
         d2 = [float(((a - b) ** 2).sum()) for i, a in enumerate(means) for b in means[i + 1:]]
         self.bandwidth = float(np.median(d2)) if d2 and np.median(d2) > 0 else None
         self.bandwidth_factor = 1.0
-        if self.bandwidth is not None:
+        if self.bandwidth is not None and self.bandwidth_rule == "leave_one_group_out":
             self.bandwidth_factor = self._leave_one_group_out()
             self.bandwidth *= self.bandwidth_factor
 
@@ -184,15 +185,16 @@ class ConditionTable:
                 else np.zeros((0, n_genes), np.float32)}
 
     @classmethod
-    def from_dict(cls, data: list, anchors: np.ndarray, groups: dict[str, np.ndarray] | None = None
-                  ) -> ConditionTable:
+    def from_dict(cls, data: list, anchors: np.ndarray, groups: dict[str, np.ndarray] | None = None,
+                  bandwidth_rule: str = "median") -> ConditionTable:
         keys = [(tuple(n), tuple(float(d) for d in ds)) for n, ds in data]
         if not groups:
             return cls(keys, anchors)
         shifts = {(int(r), int(g)): v for (r, g), v in zip(groups["shift_keys"], groups["shifts"])}
         controls = {int(g): v for g, v in zip(groups["control_groups"], groups["controls"])}
         gates = groups.get("gates")  # absent in folders saved before shrinkage: all open
-        return cls(keys, anchors, shifts, controls, None if gates is None else np.asarray(gates, np.float64))
+        return cls(keys, anchors, shifts, controls, None if gates is None else np.asarray(gates, np.float64),
+                   bandwidth_rule)
 
     def gate(self, key: ConditionKey) -> float:
         """Shrinkage gate of a trained condition (1 for an untrained one or without gates)."""
@@ -202,8 +204,8 @@ class ConditionTable:
 
 def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows, n_genes: int,
                           anchored: bool = True, shrinkage: str | None = None, gate: float = 2.0,
-                          floor: float = 0.1, target_columns: Mapping[str, int] | None = None
-                          ) -> tuple[ConditionTable, np.ndarray]:
+                          floor: float = 0.1, target_columns: Mapping[str, int] | None = None,
+                          bandwidth_rule: str = "median") -> tuple[ConditionTable, np.ndarray]:
     """Index the cells' conditions and compute their anchors.
 
     Parameters
@@ -224,6 +226,8 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
         Shrink the anchors (and the groups' shifts alike) toward zero by their standard errors,
         from the per-gene variances of the same pass (see :mod:`celldit.cells.shrinkage`).
         ``table.gates`` holds each condition's gate factor (1 for control and clear conditions).
+    bandwidth_rule
+        Of the group-weighted anchor (see :class:`ConditionTable`).
     target_columns
         ``{perturbation name: its column}`` for perturbations named after a model gene: the
         target of a knockout (or activation) is known to move, so its own column keeps the
@@ -286,4 +290,4 @@ def build_condition_table(keys: Sequence[ConditionKey], groups: np.ndarray, rows
                 anchors[row, cols] = raw[row - 1, cols]
             for (row, g), v in shifts.items():
                 v[targets[row]] = measured[row, g][targets[row]]
-    return ConditionTable(uniq, anchors, shifts, ctrl_means, gates), cond_id
+    return ConditionTable(uniq, anchors, shifts, ctrl_means, gates, bandwidth_rule), cond_id

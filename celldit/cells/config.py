@@ -179,6 +179,12 @@ class CellDiTConfig:
     covariate_dropout
         Probability of hiding a training block's covariates behind an "unknown" token; a
         perturbation asked in a covariate group never trained with it is predicted that way.
+    group_bandwidth
+        Kernel bandwidth of the group-weighted anchor of a covariate group never trained with a
+        condition: "median" (the median squared distance between the training groups' mean
+        control cells) or "leave_one_group_out" (that times the factor, 1/8 to 4 or infinite,
+        that best predicts each training group's shifts from the other groups'; needs a
+        condition trained in three groups or more, else the median).
     flow
         Rectified-flow settings (see celldit.flow.RectifiedFlow).
     sampler
@@ -225,6 +231,7 @@ class CellDiTConfig:
     mlp_ratio: float = option(4.0, gt=0, le=64)
     cfg_dropout: float = option(0.2, ge=0, lt=1)
     covariate_dropout: float = option(0.2, ge=0, lt=1)
+    group_bandwidth: str = option("median", choices=("median", "leave_one_group_out"))
     flow: RectifiedFlow = option(default_factory=RectifiedFlow)
     sampler: SamplerConfig = option(default_factory=SamplerConfig)
     seed: int = option(0, ge=0, le=2**32 - 1)

@@ -265,7 +265,8 @@ class CellDiT:
         self.covariate_groups, self.noise_rank = state["covariate_groups"], state["noise_rank"]
         self.reference, self.trained_groups = state["reference"], state["trained_groups"]
         self.vocab = PerturbationVocab.from_dict(state["vocab"])
-        self.conditions = ConditionTable.from_dict(state["conditions"], state["anchors"], state["groups"])
+        self.conditions = ConditionTable.from_dict(state["conditions"], state["anchors"], state["groups"],
+                                                   config.group_bandwidth)
         self.tokenizer_kwargs, self.prior_dim = state["tokenizer_kwargs"], state["prior_dim"]
         self.bank_x, self.bank_obs = state["bank_x"], state["bank_obs"]
         self.control_batches = state.get("control_batches")

@@ -121,13 +121,14 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
                                            shrinkage=config.anchor_shrinkage, gate=config.shrinkage_gate,
                                            floor=config.shrinkage_floor,
                                            target_columns={g: j for j, g in enumerate(genes)} if config.on_target
-                                           else None)
+                                           else None, bandwidth_rule=config.group_bandwidth)
     if config.batch_anchored and isinstance(rows, CenteredRows):
         # batches are told apart by their *uncentred* mean control cells (centred ones are all ~0)
         codes, first = np.unique(pair_group, return_index=True)  # a cell of each pairing group
         batch_of = dict(zip(codes.tolist(), rows.batch[first].tolist()))
         table = ConditionTable(table.keys, table.anchors, table.group_shifts,
-                               {g: rows.centers[batch_of[g]] for g in table.group_controls}, table.gates)
+                               {g: rows.centers[batch_of[g]] for g in table.group_controls}, table.gates,
+                               config.group_bandwidth)
     cov_key = cov_frame.agg("\x1f".join, axis=1) if cov_frame.shape[1] else pd.Series("", index=cov_frame.index)
     trained_groups = sorted({f"{c}\x1e{g}" for c, g in zip(cond_id, cov_key)})
     ctrl_rows = np.flatnonzero(cond_id == 0)

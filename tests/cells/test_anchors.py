@@ -4,6 +4,7 @@ anchors (plain, and group-weighted for held-out covariate groups). Values, not s
 from __future__ import annotations
 
 import json
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from anndata import AnnData
 from conftest import ArrayRows, make_adata, shared_data
 
+from celldit.cells import CellDiT
 from celldit.cells.anchors import ConditionTable, build_condition_table, cell_conditions
 from celldit.cells.vocab import PAD, PerturbationVocab, parse_condition, parse_dose
 from celldit.data.spec import PerturbationSpec
@@ -121,7 +123,10 @@ def test_group_weighted_anchor_by_hand_and_saved():
     ctrl, a, b = condition_key([]), condition_key(["A"]), condition_key(["B"])
     controls = {0: np.array([0.0, 0.0]), 1: np.array([1.0, 0.0]), 2: np.array([10.0, 0.0])}
     shifts = {(1, 0): np.array([1.0, 0.0]), (1, 1): np.array([3.0, 0.0]), (1, 2): np.array([0.0, 9.0])}
-    table = ConditionTable([ctrl, a, b], np.array([[0, 0], [4 / 3, 3], [5, 5]], np.float32), shifts, controls)
+    anchors = np.array([[0, 0], [4 / 3, 3], [5, 5]], np.float32)
+    plain = ConditionTable([ctrl, a, b], anchors, shifts, controls)  # the default: the median heuristic
+    assert plain.bandwidth == 81.0 and plain.bandwidth_factor == 1.0  # median of 1, 100, 81
+    table = ConditionTable([ctrl, a, b], anchors, shifts, controls, bandwidth_rule="leave_one_group_out")
     # leave-one-group-out by hand: each group's shift from the other two (d2 between controls)
     d2 = {(0, 1): 1.0, (0, 2): 100.0, (1, 2): 81.0}
     errors = []
@@ -147,7 +152,7 @@ def test_group_weighted_anchor_by_hand_and_saved():
     np.testing.assert_allclose(table.held_out_anchor(1, 0), (w0[0] * shifts[(1, 1)] + w0[1] * shifts[(1, 2)]) / w0.sum(),
                                rtol=1e-6)
     assert table.held_out_anchor(2, 0) is None
-    back = ConditionTable.from_dict(table.to_dict(), table.anchors, table.group_tensors())
+    back = ConditionTable.from_dict(table.to_dict(), table.anchors, table.group_tensors(), "leave_one_group_out")
     assert back.bandwidth == table.bandwidth
     np.testing.assert_allclose(back.anchor(a, c), table.anchor(a, c))
     np.testing.assert_allclose(back.held_out_anchor(1, 0), table.held_out_anchor(1, 0))
@@ -161,13 +166,15 @@ def test_leave_one_group_out_bandwidth_follows_what_the_groups_shifts_show():
     controls = {g: np.array([x, 0.0]) for g, x in enumerate([0.0, 1.0, 2.0, 10.0, 11.0, 12.0])}
     rng = np.random.default_rng(0)
     clustered = {(1, g): np.array([0.0, 5.0 if g < 3 else -5.0]) + 0.1 * rng.standard_normal(2) for g in range(6)}
-    table = ConditionTable([ctrl, a], np.zeros((2, 2), np.float32), clustered, controls)
+    logo = {"bandwidth_rule": "leave_one_group_out"}
+    table = ConditionTable([ctrl, a], np.zeros((2, 2), np.float32), clustered, controls, **logo)
     assert table.bandwidth_factor <= 0.25
     assert table.group_weighted_anchor(1, np.array([0.5, 0.0]))[1] > 4.5  # borrowed from its own cluster
     unrelated = {(1, g): np.array([0.0, (-1.0) ** g]) for g in range(6)}  # neighbours at baseline differ most
-    assert ConditionTable([ctrl, a], np.zeros((2, 2), np.float32), unrelated, controls).bandwidth_factor == np.inf
+    assert ConditionTable([ctrl, a], np.zeros((2, 2), np.float32), unrelated, controls, **logo).bandwidth_factor == np.inf
     two = {g: controls[g] for g in (0, 3)}
-    pair = ConditionTable([ctrl, a], np.zeros((2, 2), np.float32), {(1, 0): np.ones(2), (1, 3): -np.ones(2)}, two)
+    pair = ConditionTable([ctrl, a], np.zeros((2, 2), np.float32), {(1, 0): np.ones(2), (1, 3): -np.ones(2)}, two,
+                          **logo)
     assert pair.bandwidth_factor == 1.0 and pair.bandwidth == 100.0
 
 
@@ -191,3 +198,21 @@ def test_norman_toy_gears_labels():
     vocab = PerturbationVocab.from_adata(adata, spec)
     idx, _ = vocab.encode_conditions([spec.parse(label) for label in labels])
     assert ((idx >= 0).sum(1) == [len(spec.parse(label)) for label in labels]).all()
+
+
+def test_group_bandwidth_setting_reaches_the_table_and_survives_save_load(tmp_path):
+    adata = make_adata({"control": 90, "P": 90}, 12, effects={"P": {0: 1.0}}, obs={"cell_type": ["a", "b", "c"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plain = CellDiT(adata, covariate_keys=["cell_type"], hidden_size=16, depth=1, num_heads=2,
+                        perturbation_features=None)
+        logo = CellDiT(adata, covariate_keys=["cell_type"], group_bandwidth="leave_one_group_out", hidden_size=16,
+                       depth=1, num_heads=2, perturbation_features=None)
+    assert plain.conditions.bandwidth_rule == "median" and plain.conditions.bandwidth_factor == 1.0
+    assert logo.conditions.bandwidth_rule == "leave_one_group_out"
+    assert logo.conditions.bandwidth == plain.conditions.bandwidth * logo.conditions.bandwidth_factor
+    logo.save(tmp_path / "m")
+    back = CellDiT.load(tmp_path / "m")
+    assert back.config.group_bandwidth == "leave_one_group_out" and back.conditions.bandwidth == logo.conditions.bandwidth
+    with pytest.raises(ValueError, match="group_bandwidth"):
+        CellDiT(adata, covariate_keys=["cell_type"], group_bandwidth="knn")
