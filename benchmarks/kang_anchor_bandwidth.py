@@ -11,8 +11,9 @@ among the other types, and ``f`` a factor of the median heuristic (``f = inf``: 
 mean, which is the mean-shift baseline). Scored by pd_de20 (Pearson of the predicted and
 true response on the 20 genes of largest true response).
 
-Beside each fixed ``f``, ``logo`` chooses ``f`` without the held-out type: each *other* type
-in turn is predicted from the remaining three, and the ``f`` of the best mean pd_de20 wins.
+Beside each fixed ``f``, ``logo`` chooses ``f`` without the held-out type, as
+``group_bandwidth="leave_one_group_out"`` does: each *other* type in turn is predicted from the
+remaining three, and the widest ``f`` within 1% of the least squared error wins.
 Prints one JSON object: config, machine, and per held-out type pd_de20 for every ``f``, the
 ``logo`` choice and its pd_de20, and the weights at ``f = 1``.
 """
@@ -31,10 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from celldit.cells.borrowing import BANDWIDTH_FACTORS as FACTORS
 from celldit.data.expression import log_normalize
 
 KANG = "kang2018_pbmc_ifnb_celltypes.h5ad"
-FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, float("inf"))
 
 
 def pd_de20(pred: np.ndarray, true: np.ndarray) -> float:
@@ -74,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         others = [t for t in names if t != held]
         fixed = {str(f): round(pd_de20(weighted_anchor(held, others, control, response, f)[0], response[held]), 4)
                  for f in FACTORS}
-        inner = {f: np.mean([pd_de20(weighted_anchor(o, [p for p in others if p != o], control, response, f)[0],
-                                     response[o]) for o in others]) for f in FACTORS}
-        best = max(inner, key=inner.get)
+        inner = {f: sum(float(((weighted_anchor(o, [p for p in others if p != o], control, response, f)[0]
+                                 - response[o]) ** 2).sum()) for o in others) for f in FACTORS}
+        least = min(inner.values())
+        best = [f for f in FACTORS if inner[f] <= least * 1.01][-1]
         out[held] = {"pd_de20_by_factor": fixed, "logo_factor": str(best), "logo_pd_de20": fixed[str(best)],
-                     "logo_inner_pd_de20": {str(f): round(float(v), 4) for f, v in inner.items()},
+                     "logo_inner_squared_error": {str(f): round(float(v), 2) for f, v in inner.items()},
                      "weights_at_1": weighted_anchor(held, others, control, response, 1.0)[1]}
     means = {key: round(float(np.mean([v["pd_de20_by_factor"][key] for v in out.values()])), 4)
              for key in map(str, FACTORS)}
