@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from celldit.cells import CellDiT
-from celldit.cells.control_mean import pooled_control_mean
+from celldit.cells.control_mean import batch_labels, pooled_control_mean
 from celldit.cells.outputs import SUPPORTS, first_count_level, to_support
 from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
@@ -193,8 +193,7 @@ def _pooled(model: CellDiT, test: ad.AnnData, controls: ad.AnnData, train: ad.An
                                 support=args.support, control_mean="pooled")
     x_train, x_test = log_normalize(train), log_normalize(test)
     ctrl_train = x_train[x_train.obs["perturbation"] == "control"]
-    batches = ctrl_train.obs[model.config.pair_keys].astype(str).agg("/".join, axis=1).to_numpy() \
-        if model.config.pair_keys else np.zeros(ctrl_train.n_obs, dtype=object)
+    batches = batch_labels(ctrl_train.obs, model.config.pair_keys)
     dense = (lambda a: np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X, dtype=np.float64))
     xc, names = dense(ctrl_train), np.unique(batches)
     refs, sizes = np.stack([xc[batches == b].mean(0) for b in names]), np.array([(batches == b).sum() for b in names])

@@ -137,7 +137,6 @@ class ConditionRules:
                 return borrow.gate(feature)
         return self.conditions.gate(key)
 
-
     def covariate_codes(self, label: str, dose: Any, cov: pd.DataFrame, cov_idx: np.ndarray) -> np.ndarray:
         """Covariate codes for condition ``label``: a cell whose covariate group never saw
         this (trained) condition gets the "unknown" codes, which a model trained with
