@@ -132,3 +132,34 @@ def test_borrowing_scale_on_target_rule_lowers_a_held_out_knockouts_own_gene():
     np.testing.assert_array_equal(shifts["on_target"][1:], shifts["scale_1"][1:])
     plain, _ = module.held_out_shifts(train, control_mean, "g0", on_target=False)
     np.testing.assert_array_equal(plain["on_target"], plain["scale_1"])
+
+
+class _Counterfactual:
+    """Stands in for a model: ``counterfactual`` hands back the given cells; no pair keys."""
+
+    config = types.SimpleNamespace(pair_keys=[])
+
+    def __init__(self, cells):
+        self.cells = cells
+
+    def counterfactual(self, controls, labels, **kwargs):
+        return self.cells.copy()
+
+
+def test_pooled_block_moves_the_mean_shift_toward_the_training_controls_mean(cells):
+    """Train and test drawn from one population (one training batch): the pooled control mean
+    takes the training controls' share by the sample sizes (120 and 120: about half), and the
+    mean shift moved by it predicts the test P cells' means better (mse_de20) than the plain one."""
+    train, test = _screen(0), _screen(1)
+    spec = PerturbationSpec("perturbation", control="control")
+    stand_in = _Counterfactual(test[test.obs["perturbation"] != "control"].copy())
+    plain = evaluate(test, None, spec, train=train, baselines=["mean_shift", "no_change"], seed=0, figures=False,
+                     cell_eval=False)
+    per_condition = plain.table.pivot_table(index="perturbation", columns="method", values="edistance")
+    args = types.SimpleNamespace(sample_steps=None, cfg_scale=1.0, seed=0, support="discrete")
+    out = cells._pooled(stand_in, test, test[test.obs["perturbation"] == "control"].copy(), train, spec, ["A", "B"],
+                        per_condition, args)
+    assert 0.35 < out["weights"]["rep_3 itself"] < 0.65 and np.isclose(sum(out["weights"].values()), 1.0)
+    assert out["mean_shift"]["mse_de20"] < plain.summary["mean_shift"]["mse_de20"]
+    # the model row scores the stand-in's cells: the real P cells themselves
+    assert out["model"]["pearson_delta_de20"] > 0.99
