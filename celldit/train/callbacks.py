@@ -12,11 +12,27 @@ from typing import Any, TextIO
 import lightning as L
 import torch
 
-__all__ = ["LossHistory", "NonFiniteLossError", "write_loss_curve"]
+__all__ = ["CloseProcessGroup", "LossHistory", "NonFiniteLossError", "write_loss_curve"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite, or exploded: the run stopped and nothing was saved."""
+
+
+class CloseProcessGroup(L.Callback):
+    """Destroy a gloo process group when training ends (each rank, after a barrier).
+
+    Lightning destroys only NCCL's, at exit. A CPU (gloo) worker that exits with its group
+    alive can abort in gloo's threads ("terminate called without an active exception"), which
+    fails a ``ddp_spawn`` run that had finished; this happened in about one run in six on a
+    2-core machine. A later ``fit`` in the same process sets up a new group.
+    """
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 class LossHistory(L.Callback):

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..options import from_mapping
+from .callbacks import CloseProcessGroup
 from .config import TrainerConfig
 
 
@@ -104,7 +105,7 @@ def build_trainer(
     if seed is not None:
         L.seed_everything(seed, workers=True, verbose=False)
     precision = config.precision or default_precision(config.accelerator)
-    cbs = list(callbacks)
+    cbs = [*callbacks, CloseProcessGroup()]
     if run_dir is not None:
         cbs.append(
             ModelCheckpoint(

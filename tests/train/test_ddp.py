@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from celldit import ImageDiT
 from celldit.flow import RectifiedFlow
 from celldit.train import FlowTrainingPlan, LossHistory
+from celldit.train.callbacks import CloseProcessGroup
 
 N, STEPS, GLOBAL_BATCH = 32, 4, 8
 
@@ -67,7 +68,7 @@ def train(devices: int, strategy: str, tmp_path, name: str) -> tuple[FlowTrainin
     history = LossHistory(tmp_path / f"{name}.json")
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, precision="32-true",
-        gradient_clip_val=1.0, callbacks=[history], logger=False, enable_checkpointing=False,
+        gradient_clip_val=1.0, callbacks=[history, CloseProcessGroup()], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
     )  # fmt: skip
     trainer.fit(plan, datamodule=InOrder(GLOBAL_BATCH // devices))
