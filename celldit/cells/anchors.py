@@ -97,12 +97,9 @@ class ConditionTable:
         rows = [r for r, items in sorted(self._shifts_of.items()) if len(items) >= 3][:max_rows]
         if not rows:
             return 1.0
-        median, errors = self.bandwidth, []
-        for factor in BANDWIDTH_FACTORS:
-            self.bandwidth = median * factor
-            errors.append(sum(float(((self.group_weighted_anchor(r, self.group_controls[g], exclude=g) - v) ** 2).sum())
-                              for r in rows for g, v in self._shifts_of[r]))
-        self.bandwidth = median
+        errors = [sum(float(((self.group_weighted_anchor(r, self.group_controls[g], exclude=g,
+                                                         bandwidth=self.bandwidth * factor) - v) ** 2).sum())
+                      for r in rows for g, v in self._shifts_of[r]) for factor in BANDWIDTH_FACTORS]
         least = min(errors)
         return float([f for f, e in zip(BANDWIDTH_FACTORS, errors) if e <= least * 1.01][-1])
 
@@ -114,18 +111,19 @@ class ConditionTable:
         return {i: k[0][0] for k, i in self._row.items() if len(k[0]) == 1}
 
     def group_weighted_anchor(self, row: int, control_mean: np.ndarray | None,
-                              exclude: int | None = None) -> np.ndarray:
+                              exclude: int | None = None, bandwidth: float | None = None) -> np.ndarray:
         """Anchor of condition ``row`` for cells of mean ``control_mean`` in a covariate
-        group never trained with it (see the class notes); ``exclude`` leaves one group out.
-        Conditions trained in a single group get their anchor."""
+        group never trained with it (see the class notes); ``exclude`` leaves one group out,
+        ``bandwidth`` replaces the table's. Conditions trained in a single group get their anchor."""
         items = [(g, v) for g, v in self._shifts_of.get(row, []) if g != exclude]
         if not items:
             return self.anchors[row]
-        if self.bandwidth is None or control_mean is None:
+        bandwidth = self.bandwidth if bandwidth is None else bandwidth
+        if bandwidth is None or control_mean is None:
             w = np.ones(len(items))
         else:
             d2 = np.array([((control_mean - self.group_controls[g]) ** 2).sum() for g, _ in items])
-            w = np.exp(-(d2 - d2.min()) / self.bandwidth)
+            w = np.exp(-(d2 - d2.min()) / bandwidth)
         return (np.tensordot(w / w.sum(), np.stack([v for _, v in items]), axes=1)).astype(self.anchors.dtype)
 
     def held_out_anchor(self, row: int, group: int) -> np.ndarray | None:
