@@ -31,6 +31,7 @@ from .config import SamplerConfig
 from .control_mean import batch_labels, check_control_mean, pooled_shift
 from .on_target import OnTargetRule
 from .outputs import OutputWriter, check_output_size, first_count_level
+from .start_cells import StartCells
 
 __all__ = ["CellSampler"]
 
@@ -350,25 +351,7 @@ class CellSampler:
         elif control_mean == "pooled":
             raise ValueError("control_mean='pooled' pools the mean of the control cells given: pass controls=")
         gen = torch.Generator().manual_seed(seed)
-        bank_x, bank_obs = self.model.bank_x, self.model.bank_obs
-        pool = np.arange(len(bank_obs))
-        where = ", ".join(f"{k}={cond[k]!r}" for k in self.spec.covariate_keys)
-        if self.config.source == "control":
-            match = np.ones(len(bank_obs), dtype=bool)
-            for k in self.spec.covariate_keys:
-                match &= bank_obs[k].astype(str).to_numpy() == str(cond[k])
-            if not match.any():
-                raise ValueError(f"no training control cells with {where} to start from; use counterfactual() "
-                                 "with control cells of that group")
-            pool = np.flatnonzero(match)
-        else:
-            group = "\x1f".join(str(cond[k]) for k in self.spec.covariate_keys)
-            groups = self.model.covariate_groups or [""]
-            if group not in groups:
-                raise ValueError(f"no training control cells with {where}: the noise prior has no mean for that "
-                                 "group; use counterfactual() with control cells of it")
-            prior_mean = torch.from_numpy(self.model.prior_means()[groups.index(group)]) if self.model.noise_rank \
-                else torch.zeros(len(self.genes))
+        start_cells = StartCells(self.model, cond)
         if support == "discrete" and (self.config.source != "control" or self.model.bank_library is None):
             raise ValueError("support='discrete' rounds each cell at its source cell's first count level: cells "
                              "generated from noise (or from a bank without library sizes, a model fitted on log1p "
@@ -380,12 +363,7 @@ class CellSampler:
                 m = min(batch_size, n - start)
                 cov = pd.DataFrame({k: [str(cond[k])] * m for k in self.spec.covariate_keys}, index=range(m))
                 cov_idx = self.rules.covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=m))
-                if self.config.source == "noise":
-                    x0 = prior_mean + self.network.source_noise((m, len(self.genes)), generator=gen).cpu()
-                    pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()] if counts else None
-                else:
-                    pick = pool[torch.randint(len(pool), (m,), generator=gen).numpy()]
-                    x0 = bank_x[pick]
+                x0, pick = start_cells.draw(m, gen, need_library=counts)
                 one = (np.zeros(m, dtype=object), {0: np.asarray(offset, dtype=np.float32)})  # one batch: its mean
                 x = self._transport(x0, self.rules.condition(label, dose, x0, cov, one), cov_idx, steps, method,
                                     cfg_scale, batch_size, gate=self.rules.velocity_gate(label, dose))
