@@ -76,7 +76,8 @@ def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
                     cfg_dropout=args.cfg_dropout, covariate_dropout=args.covariate_dropout,
                     group_bandwidth=args.group_bandwidth, seed=args.seed)
     t1 = time.perf_counter()
-    model.fit(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+    ema = {} if args.ema_decay is None else {"ema_decay": None if args.ema_decay == "none" else float(args.ema_decay)}
+    model.fit(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, **ema,
               trainer={"progress_bar": False, "accelerator": "cpu", "logger": None})
     t2 = time.perf_counter()
     return model, {"setup_s": round(t1 - t0, 2), "train_s": round(t2 - t1, 2),
@@ -394,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--ema-decay", default=None,
+                        help="decay of the weights' moving average sampled from ('none': the last weights; "
+                             "default: CellDiT.fit's)")
     parser.add_argument("--sample-steps", type=int, default=None)
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale of sampling")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
