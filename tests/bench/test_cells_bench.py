@@ -1,5 +1,6 @@
-"""`benchmarks/cells.py` pieces that need no training: the same-footing reference of
-``generate`` (the mean-shift baseline started from generated control cells)."""
+"""`benchmarks/cells.py` pieces that need no real training: the same-footing reference of
+``generate`` (the mean-shift baseline started from generated control cells), the support and
+pooled blocks, the borrowing-scale rules, and the ``--ema-decay`` flag (a 3-step fit)."""
 
 from __future__ import annotations
 
@@ -163,3 +164,16 @@ def test_pooled_block_moves_the_mean_shift_toward_the_training_controls_mean(cel
     assert out["mean_shift"]["mse_de20"] < plain.summary["mean_shift"]["mse_de20"]
     # the model row scores the stand-in's cells: the real P cells themselves
     assert out["model"]["pearson_delta_de20"] > 0.99
+
+
+@pytest.mark.parametrize("flag, decay", [(None, 0.999), ("none", None), ("0.5", 0.5)])
+def test_ema_decay_flag_reaches_the_fit(cells, flag, decay):
+    """``--ema-decay``: absent keeps CellDiT.fit's default, 'none' samples the last weights."""
+    args = types.SimpleNamespace(anchor_shrinkage="hybrid", tokenizer="module", source="control", no_anchor=False,
+                                 no_batch_anchors=False, no_gate_velocity=False, no_on_target=False, hidden_size=16,
+                                 depth=1, num_heads=2, cfg_dropout=0.2, covariate_dropout=0.0, group_bandwidth="median",
+                                 seed=0, max_steps=3, batch_size=32, lr=1e-3, ema_decay=flag)
+    model, timing = cells._train(_screen(0), args, perturbation_key="perturbation", control="control",
+                                 perturbation_features=None)
+    assert model.plan.ema_decay == decay and (model.plan.ema is None) == (decay is None)
+    assert timing["train_s"] > 0
