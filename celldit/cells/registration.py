@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from ..data.rows import ExpressionRows, counts_source, group_sums, select_genes
+from ..data.gene_selection import select_genes
+from ..data.rows import ExpressionRows, counts_source, group_sums
 from ..data.spec import PerturbationSpec
 from ..tokenizers import modules_from_correlation, modules_from_gene_sets, modules_from_labels
 from ..tokenizers.gene import default_latent_tokens

@@ -2,7 +2,7 @@
 
 :func:`log_normalize` brings a whole AnnData there; :class:`~celldit.data.rows.ExpressionRows`
 reads the rows of a batch there on demand; :func:`detect_space` tells what a matrix holds,
-and :func:`select_genes` picks the gene set a model works on.
+and :func:`~celldit.data.gene_selection.select_genes` picks the gene set a model works on.
 """
 
 from __future__ import annotations

@@ -26,11 +26,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .expression import TARGET_SUM, detect_space, gene_positions, keep_torch_threads
+from .expression import TARGET_SUM, detect_space, gene_positions
 
-__all__ = ["ExpressionRows", "counts_source", "group_sums", "select_genes", "size_factors"]
-
-HVG_CELLS = 20_000  # cells (a seeded sample) that rank highly variable genes
+__all__ = ["ExpressionRows", "counts_source", "group_sums", "size_factors"]
 
 CHUNK = 8192  # rows read at once by the passes over a whole matrix
 MERGE_GAP = 64  # on disk, asked rows closer than this are read with the rows between them, in one slice
@@ -376,50 +374,3 @@ def group_sums(rows: Any, groups: np.ndarray, n_groups: int, chunk: int = CHUNK,
         if squares:
             sq += indicator @ (x * x)
     return (sums, sizes, sq) if squares else (sums, sizes)
-
-
-def select_genes(adata: AnnData, genes: str | Sequence[str] = "all", n_top_genes: int = 2000, *,
-                 layer: str | None = None, input_space: str = "auto", size_factor_key: str | None = None,
-                 seed: int = 0) -> list[str]:
-    """The gene set a model works on, in ``var`` order unless a list is given.
-
-    ``"all"``; ``"hvg"``: scanpy's Seurat-flavour highly variable genes of the log-normalised
-    data (``n_top_genes`` of them), ranked on a seeded sample of at most 20,000 cells read
-    in chunks (memory does not grow with the number of cells); ``"var:COLUMN"``: the genes
-    whose boolean ``var`` column is true (e.g. ``var:highly_variable`` computed beforehand);
-    or a list of gene names.
-    """
-    source_genes = counts_source(adata, layer)[1]
-    if isinstance(genes, str):
-        if genes == "all":
-            return list(source_genes)
-        if genes.startswith("var:"):
-            column = genes[4:]
-            var = adata.raw.var if layer == "raw" else adata.var
-            if column not in var.columns:
-                raise ValueError(f"genes={genes!r}: {column!r} is not a column of adata.var "
-                                 f"(columns: {list(var.columns)[:20]})")
-            values = var[column]
-            if values.dtype != bool:
-                raise ValueError(f"genes={genes!r}: adata.var[{column!r}] must be boolean (True for the genes to keep)")
-            chosen = [str(g) for g, keep in zip(var.index, values.to_numpy()) if keep]
-            if not chosen:
-                raise ValueError(f"genes={genes!r}: no gene has adata.var[{column!r}] == True")
-            return chosen
-        if genes != "hvg":
-            raise ValueError(f"genes={genes!r}: use 'all', 'hvg', 'var:COLUMN' or a list of gene names")
-        if n_top_genes >= len(source_genes):
-            return list(source_genes)
-        import scanpy as sc
-
-        rows = ExpressionRows(adata, layer=layer, input_space=input_space, size_factor_key=size_factor_key,
-                              warn_log1p=False)
-        sample = np.sort(np.random.default_rng(seed).permutation(rows.n_obs)[:HVG_CELLS])
-        x = sp.vstack([sp.csr_matrix(rows.rows(sample[s: s + 2048])) for s in range(0, len(sample), 2048)])
-        norm = AnnData(x, var=pd.DataFrame(index=pd.Index(source_genes)))
-        with keep_torch_threads():
-            hvg = sc.pp.highly_variable_genes(norm, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
-        return [g for g, keep in zip(source_genes, hvg["highly_variable"].to_numpy()) if keep]
-    genes = check_var_names(genes, "genes")
-    gene_positions(source_genes, genes)
-    return genes

@@ -17,7 +17,8 @@ from scipy.optimize import linear_sum_assignment
 from celldit.cells.anchors import ConditionTable
 from celldit.cells.dataset import PairedBatches
 from celldit.cells.vocab import PAD
-from celldit.data.rows import ExpressionRows, select_genes
+from celldit.data.gene_selection import select_genes
+from celldit.data.rows import ExpressionRows
 
 
 def condition_key(names, doses=None):
