@@ -14,7 +14,10 @@ call (same PCA space, same 300-cell draws per seed) as the model and the baselin
 * ``controls_at_transfer_mean``: rep_3's control cells moved to the transfer's mean (the
   controls' shape, the transfer's mean);
 * ``rep2_controls_mean_shift``: rep_2's control cells, moved onto rep_3's control mean, plus
-  the plain mean shift (the baseline started from another replicate's real controls).
+  the plain mean shift (the baseline started from another replicate's real controls);
+* ``controls_at_own_shift``: rep_3's control cells moved by rep_3's *own* measured shift of P
+  (``mean(rep_3 P) - mean(rep_3 controls)``): an oracle no prediction can match, the floor of
+  any method that moves the controls by one vector per perturbation.
 
 Prints one JSON object: config, machine, and per seed the means over conditions of
 pd_de20, pd_all, mse_de20 and E-distance for each reference and the baselines.
@@ -62,13 +65,15 @@ def references(train: ad.AnnData, test: ad.AnnData, keep: list[str]) -> dict[str
     plain_shift = {p: xtr[ltr == p].mean(0) - xtr[ltr == "control"].mean(0) for p in keep}
     rep2_controls = xtr[(ltr == "control") & (rep == "rep_2")] - control_mean["rep_2"] + rep3_mean
     out: dict[str, dict[str, np.ndarray]] = {k: {} for k in ("transfer", "transfer_at_mean_shift",
-                                                             "controls_at_transfer_mean", "rep2_controls_mean_shift")}
+                                                             "controls_at_transfer_mean", "rep2_controls_mean_shift",
+                                                             "controls_at_own_shift")}
     for p in keep:
         moved = np.vstack([xtr[(ltr == p) & (rep == r)] + (rep3_mean - control_mean[r]) for r in TRAIN_REPS])
         out["transfer"][p] = moved
         out["transfer_at_mean_shift"][p] = moved - moved.mean(0) + rep3_mean + plain_shift[p]
         out["controls_at_transfer_mean"][p] = rep3_controls - rep3_mean + moved.mean(0)
         out["rep2_controls_mean_shift"][p] = rep2_controls + plain_shift[p]
+        out["controls_at_own_shift"][p] = rep3_controls + xte[lte == p].mean(0) - rep3_mean
     return out
 
 
