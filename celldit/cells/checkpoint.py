@@ -3,10 +3,12 @@
 A folder (written atomically by :func:`celldit.io.save_model_folder`) holds
 
 * ``model.safetensors``: ``network.*`` (the EMA weights), ``anchors``, ``groups.*`` (per
-  covariate-group shifts and control means), ``bank_x`` (control cells for ``generate``)
-  ``reference`` (the training controls' mean) and ``control_batches.*`` (each training
-  batch's mean control cell and size, for ``control_mean="pooled"``; absent in folders
-  saved before it);
+  covariate-group shifts and control means), ``bank_x`` (control cells for ``generate``),
+  ``bank_batch`` (each bank cell's row of ``control_batches``; absent in older folders, whose
+  ``generate`` then draws from the bank uniformly), ``reference`` (the training controls'
+  mean) and ``control_batches.*`` (each training batch's mean control cell and size, for
+  ``control_mean="pooled"`` and ``generate``'s batch weights; absent in folders saved before
+  it);
 * ``config.json``: ``format_version``, ``kind`` (``"celldit.CellDiT"``), ``config`` (every
   :class:`~celldit.cells.config.CellDiTConfig` field), the derived tokenizer settings,
   ``space``, ``is_trained`` and a summary of the training ``history``;
@@ -53,6 +55,8 @@ def write_model_folder(model: Any, path: str | Path, overwrite: bool = False,
     state["anchors"] = torch.from_numpy(model.conditions.anchors)
     state.update({f"groups.{k}": torch.from_numpy(v) for k, v in model.conditions.group_tensors().items()})
     state["bank_x"] = model.bank_x
+    if getattr(model, "bank_batch", None) is not None:
+        state["bank_batch"] = torch.from_numpy(np.asarray(model.bank_batch, dtype=np.int64))
     state["reference"] = model.reference
     if model.control_batches is not None:
         means, sizes = model.control_batches
@@ -133,6 +137,10 @@ def _check_shapes(cfg: CellDiTConfig, raw: dict[str, Any], genes: list, vocab: d
         means, sizes = shapes["control_batches.means"], shapes.get("control_batches.sizes")
         _check(len(means) == 2 and means[1] == G and sizes == (means[0],), weights,
                f"control_batches.means {tuple(means)} / sizes {sizes} do not match {G} genes")
+    if "bank_batch" in shapes:
+        _check(shapes["bank_batch"] == shapes["bank_x"][:1] and "control_batches.means" in shapes, weights,
+               f"bank_batch {tuple(shapes['bank_batch'])} does not match bank_x {tuple(shapes['bank_x'])} "
+               "(or control_batches is missing)")
     blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"network\.dit\.blocks\.(\d+)\.", k))}
     _check(len(blocks) == cfg.depth, weights, f"holds {len(blocks)} transformer blocks but depth={cfg.depth}")
     tok = raw.get("tokenizer_kwargs")
@@ -201,6 +209,7 @@ def read_model_folder(path: str | Path) -> tuple[CellDiTConfig, dict[str, Any]]:
         "noise_rank": int(raw.get("noise_rank") or 0), "covariate_groups": list(raw.get("covariate_groups") or []),
         "bank_x": tensors["bank_x"],
         "bank_library": tensors["bank_library"].numpy() if "bank_library" in tensors else None,
+        "bank_batch": tensors["bank_batch"].numpy() if "bank_batch" in tensors else None,  # saved since stop 24
         "control_batches": (tensors["control_batches.means"].numpy(), tensors["control_batches.sizes"].numpy())
         if "control_batches.means" in tensors else None,
         "pca": (tensors["pca.mean"].numpy(), tensors["pca.components"].numpy()) if "pca.mean" in tensors else None,

@@ -105,7 +105,7 @@ class CellDiT:
         self.noise_rank = 0 if data.noise_prior is None else int(data.noise_prior[0].shape[1])
         self.reference, self.conditions, self.trained_groups = data.reference, data.conditions, data.trained_groups
         self.vocab, self.tokenizer_kwargs = data.vocab, data.tokenizer_kwargs
-        self.bank_x, self.bank_obs = data.bank_x, data.bank_obs
+        self.bank_x, self.bank_obs, self.bank_batch = data.bank_x, data.bank_obs, data.bank_batch
         self.control_batches = data.control_batches
         self.prior_dim = 0 if data.prior is None else int(data.prior.shape[1])
 
@@ -268,7 +268,7 @@ class CellDiT:
         self.conditions = ConditionTable.from_dict(state["conditions"], state["anchors"], state["groups"],
                                                    config.group_bandwidth)
         self.tokenizer_kwargs, self.prior_dim = state["tokenizer_kwargs"], state["prior_dim"]
-        self.bank_x, self.bank_obs = state["bank_x"], state["bank_obs"]
+        self.bank_x, self.bank_obs, self.bank_batch = state["bank_x"], state["bank_obs"], state.get("bank_batch")
         self.control_batches = state.get("control_batches")
         prior = pd.DataFrame(np.zeros((0, self.prior_dim), np.float32)) if self.prior_dim else None
         self.network = self._build_network(prior)  # the prior table itself is in the weights

@@ -35,7 +35,8 @@ from .vocab import PerturbationVocab
 
 __all__ = ["BANK_PER_GROUP", "Registration", "group_codes", "register", "spec_of"]
 
-BANK_PER_GROUP = 500  # control cells per covariate group kept for generate() with a control source
+BANK_PER_GROUP = 500  # control cells per covariate group and batch kept for generate() with a control source
+BANK_MAX = 20_000  # at most this many bank cells in all (the quota per group and batch shrinks to fit)
 SAMPLE_CELLS = 20_000  # cells that fit the gene modules, the codec and the OT basis
 PRIOR_CELLS = 5_000  # control cells that build the expression prior features
 MAX_MODULE_SIZE = 64  # genes per module token (larger modules are split), below MAX_DEFAULT_MODULES x 64 genes
@@ -73,6 +74,7 @@ class Registration:
     bank_x: torch.Tensor  # (n_bank, G) control cells for generate()
     bank_obs: pd.DataFrame
     bank_library: np.ndarray | None  # (n_bank,) their library sizes (counts layers of generated cells)
+    bank_batch: np.ndarray  # (n_bank,) each bank cell's batch: its row of control_batches
     var: pd.DataFrame  # the training data's annotations of the model's genes
     # training data (not saved)
     rows: Any = None
@@ -139,7 +141,9 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     prior = prior_table(config.perturbation_features, rows.all_rows(ctrl_rows[:PRIOR_CELLS]), genes, config.seed)
     vocab = PerturbationVocab.from_adata(adata, spec, extra=[] if prior is None else prior.index)
     tok_kwargs = tokenizer_kwargs(config, adata, genes, x_sample)
-    bank_x, bank_obs, bank_library = control_bank(rows, ctrl_rows, cov_frame, adata.obs_names, rng)
+    batch_row = np.cumsum(has) - 1  # pair group -> its row of control_batches (groups with controls)
+    bank_x, bank_obs, bank_library, bank_batch = control_bank(rows, ctrl_rows, batch_row[pair_group[ctrl_rows]],
+                                                              cov_frame, adata.obs_names, rng)
     source_var = adata.raw.var if config.layer == "raw" else adata.var
     var = source_var.loc[genes].copy()
     ot_basis = None
@@ -153,7 +157,7 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
     covariate_groups = sorted(cov_strings.unique().tolist())
     noise_prior = control_covariance(x_sample[cond_id[sample] == 0], NOISE_RANK) if config.source == "noise" else None
     return Registration(spec, genes, space, normalisation, reference, table, trained_groups, vocab, prior, tok_kwargs,
-                        bank_x, bank_obs, bank_library, var, rows, cond_id, pair_group, cov_group, vocab.encode_covariates(cov_frame),
+                        bank_x, bank_obs, bank_library, bank_batch, var, rows, cond_id, pair_group, cov_group, vocab.encode_covariates(cov_frame),
                         ot_basis, x_sample, pca, covariate_groups, noise_prior, control_batches)
 
 
@@ -296,16 +300,20 @@ def tokenizer_kwargs(config: CellDiTConfig, adata: AnnData, genes: list[str], x_
     return {"n_genes": G, "hidden_size": D, "modules": [list(map(int, m)) for m in groups]}
 
 
-def control_bank(rows, ctrl_rows: np.ndarray, cov_frame: pd.DataFrame, names, rng: np.random.Generator
-                 ) -> tuple[torch.Tensor, pd.DataFrame, np.ndarray | None]:
-    """Up to :data:`BANK_PER_GROUP` control cells per covariate group (sources for generate())."""
-    groups = cov_frame.iloc[ctrl_rows]
-    members = (groups.groupby(list(groups.columns), observed=True).indices.items() if groups.shape[1]
-               else [(0, np.arange(len(ctrl_rows)))])
-    keep = []
-    for _, idx in members:
-        keep.extend(rng.permutation(ctrl_rows[idx])[:BANK_PER_GROUP])
-    keep = np.sort(np.asarray(keep, dtype=np.int64))
+def control_bank(rows, ctrl_rows: np.ndarray, ctrl_batch: np.ndarray, cov_frame: pd.DataFrame, names,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, pd.DataFrame, np.ndarray | None, np.ndarray]:
+    """Up to :data:`BANK_PER_GROUP` control cells of each covariate group and batch (``ctrl_batch``:
+    each control row's batch), the sources of generate() with a control source; the quota shrinks
+    so that the bank holds at most :data:`BANK_MAX` cells. Kept per batch, so that generate() can
+    start from the batches alike to the one it generates in. Returns the cells, their covariates,
+    library sizes and batches."""
+    strata = cov_frame.iloc[ctrl_rows].astype(str).assign(_batch=ctrl_batch)
+    members = list(strata.groupby(list(strata.columns), observed=True).indices.values())
+    quota = max(1, min(BANK_PER_GROUP, BANK_MAX // max(len(members), 1)))
+    keep = np.sort(np.concatenate([rng.permutation(ctrl_rows[idx])[:quota] for idx in members] or [np.zeros(0)]
+                                  ).astype(np.int64))
     bank_obs = cov_frame.iloc[keep].reset_index(drop=True)
     bank_obs.index = np.asarray(names)[keep].astype(str)
-    return torch.from_numpy(rows.all_rows(keep)), bank_obs, rows.library_sizes(keep)
+    batch_of = dict(zip(ctrl_rows, ctrl_batch))
+    bank_batch = np.array([batch_of[r] for r in keep], dtype=np.int64)
+    return torch.from_numpy(rows.all_rows(keep)), bank_obs, rows.library_sizes(keep), bank_batch

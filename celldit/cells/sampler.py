@@ -322,8 +322,10 @@ class CellSampler:
             sizes drawn at random).
         controls
             Control cells of the batch to generate in (a centred model): their mean is the
-            batch's offset, in place of the training controls' mean. E.g. generating cells of
-            a new replicate from its controls' mean only.
+            batch's offset, in place of the training controls' mean, and a control source
+            draws its bank cells mostly from the training batches alike to it (see
+            :mod:`celldit.cells.start_cells`). E.g. generating cells of a new replicate from
+            its controls' mean only.
         control_mean
             With ``controls``: ``"observed"`` (their mean) or ``"pooled"`` (their mean pooled
             with the training batches', see :meth:`counterfactual`).
@@ -350,8 +352,8 @@ class CellSampler:
                 pooled = self._pooled_shift(given, np.zeros(len(given), dtype=object))[0]
         elif control_mean == "pooled":
             raise ValueError("control_mean='pooled' pools the mean of the control cells given: pass controls=")
-        gen = torch.Generator().manual_seed(seed)
-        start_cells = StartCells(self.model, cond)
+        start_cells = StartCells(self.model, cond, int(n), seed,
+                                 None if controls is None else np.asarray(offset, dtype=np.float64))
         if support == "discrete" and (self.config.source != "control" or self.model.bank_library is None):
             raise ValueError("support='discrete' rounds each cell at its source cell's first count level: cells "
                              "generated from noise (or from a bank without library sizes, a model fitted on log1p "
@@ -363,7 +365,7 @@ class CellSampler:
                 m = min(batch_size, n - start)
                 cov = pd.DataFrame({k: [str(cond[k])] * m for k in self.spec.covariate_keys}, index=range(m))
                 cov_idx = self.rules.covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=m))
-                x0, pick = start_cells.draw(m, gen, need_library=counts)
+                x0, pick = start_cells.draw(m, need_library=counts)
                 one = (np.zeros(m, dtype=object), {0: np.asarray(offset, dtype=np.float32)})  # one batch: its mean
                 x = self._transport(x0, self.rules.condition(label, dose, x0, cov, one), cov_idx, steps, method,
                                     cfg_scale, batch_size, gate=self.rules.velocity_gate(label, dose))

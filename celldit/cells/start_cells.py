@@ -3,6 +3,14 @@
 A control-source model starts from cells of the bank of training controls saved with it,
 drawn within the asked covariate group; a noise-source model starts from draws of its noise
 prior around that group's mean control cell.
+
+Bank cells are drawn without repeats while the group has cells left (a generated sample made
+of repeated cells is narrower than the population: on Papalexi, 666 draws with repeats from
+500 controls scored 0.01-0.06 worse in E-distance than distinct cells). When ``generate`` is
+given control cells of the batch to generate in, the bank's batches are weighted by how alike
+their mean control cell is to those cells' mean (the kernel of the batch anchors, see
+:class:`~celldit.cells.anchors.ConditionTable`), so that a new replicate starts mostly from the
+training replicates it resembles.
 """
 
 from __future__ import annotations
@@ -13,11 +21,22 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["StartCells"]
+__all__ = ["StartCells", "batch_weights"]
+
+
+def batch_weights(means: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(B,) weights of batches whose mean control cells are ``means`` (B, G) for cells of mean
+    ``target`` (G,): ``exp(-(d2 - min d2) / h)``, ``d2`` the squared distances and ``h`` the
+    median squared distance between the batches (all alike when there is one batch)."""
+    d2 = ((means - target[None]) ** 2).sum(1)
+    pairs = [float(((a - b) ** 2).sum()) for i, a in enumerate(means) for b in means[i + 1:]]
+    h = float(np.median(pairs)) if pairs else 0.0
+    w = np.exp(-(d2 - d2.min()) / h) if h > 0 else np.ones(len(means))
+    return w / w.sum()
 
 
 class StartCells:
-    """Source cells of one covariate group, drawn ``m`` at a time.
+    """Source cells of one covariate group for ``n`` generated cells, drawn ``m`` at a time.
 
     Parameters
     ----------
@@ -25,6 +44,13 @@ class StartCells:
         A fitted :class:`~celldit.cells.model.CellDiT`.
     cond
         The asked condition, with a value for each registered covariate key.
+    n
+        Cells to generate in all (bank cells are drawn without repeats up to the group's size).
+    seed
+        Seed of the draws (and of the noise, for a noise source).
+    batch_mean
+        Mean control cell (G,) of the batch generated in (``generate(controls=...)``), which
+        weights the bank's batches by likeness; None draws the group's bank cells alike.
 
     Raises
     ------
@@ -32,8 +58,10 @@ class StartCells:
         When the model has no training control cells of that group to start from.
     """
 
-    def __init__(self, model: Any, cond: Mapping[str, Any]):
+    def __init__(self, model: Any, cond: Mapping[str, Any], n: int, seed: int = 0,
+                 batch_mean: np.ndarray | None = None):
         self.model = model
+        self.generator = torch.Generator().manual_seed(seed)
         keys = model.spec.covariate_keys
         where = ", ".join(f"{k}={cond[k]!r}" for k in keys)
         self.pool = np.arange(len(model.bank_obs))
@@ -46,6 +74,8 @@ class StartCells:
                 raise ValueError(f"no training control cells with {where} to start from; use counterfactual() "
                                  "with control cells of that group")
             self.pool = np.flatnonzero(match)
+            self.order = self._bank_order(n, seed, batch_mean)
+            self.taken = 0
             return
         group = "\x1f".join(str(cond[k]) for k in keys)
         groups = model.covariate_groups or [""]
@@ -55,13 +85,34 @@ class StartCells:
         self.prior_mean = (torch.from_numpy(model.prior_means()[groups.index(group)]) if model.noise_rank
                            else torch.zeros(len(model.genes)))
 
-    def draw(self, m: int, generator: torch.Generator, need_library: bool) -> tuple[torch.Tensor, np.ndarray | None]:
-        """``m`` source cells (m, G) and the bank rows they take their library sizes from
+    def _bank_order(self, n: int, seed: int, batch_mean: np.ndarray | None) -> np.ndarray:
+        """(n,) bank rows: distinct while the pool lasts (then it is drawn again), each batch's
+        cells weighted by its likeness to ``batch_mean``."""
+        rng = np.random.default_rng(seed)
+        p = np.full(len(self.pool), 1.0 / len(self.pool))
+        batch, batches = self.model.bank_batch, self.model.control_batches
+        if batch_mean is not None and batch is not None and batches is not None:
+            rows = batch[self.pool]
+            present = np.unique(rows)
+            w = dict(zip(present, batch_weights(batches[0][present].astype(np.float64), np.asarray(batch_mean))))
+            counts = dict(zip(*np.unique(rows, return_counts=True)))
+            p = np.array([w[r] / counts[r] for r in rows])
+            p /= p.sum()
+        order = []
+        while len(order) < n:
+            take = min(n - len(order), int((p > 0).sum()))
+            order.extend(rng.choice(self.pool, size=take, replace=False, p=p))
+        return np.asarray(order, dtype=np.int64)
+
+    def draw(self, m: int, need_library: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The next ``m`` source cells (m, G) and the bank rows they take their library sizes from
         (the bank cells themselves; for noise draws, random bank cells when ``need_library``,
         else None)."""
+        gen = self.generator
         if self.prior_mean is not None:
-            x0 = self.prior_mean + self.model.network.source_noise((m, len(self.model.genes)), generator=generator).cpu()
-            pick = self.pool[torch.randint(len(self.pool), (m,), generator=generator).numpy()] if need_library else None
+            x0 = self.prior_mean + self.model.network.source_noise((m, len(self.model.genes)), generator=gen).cpu()
+            pick = self.pool[torch.randint(len(self.pool), (m,), generator=gen).numpy()] if need_library else None
             return x0, pick
-        pick = self.pool[torch.randint(len(self.pool), (m,), generator=generator).numpy()]
+        pick = self.order[self.taken: self.taken + m]
+        self.taken += m
         return self.model.bank_x[pick], pick
