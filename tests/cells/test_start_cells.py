@@ -127,3 +127,17 @@ def test_no_bank_cells_of_the_group_is_a_clear_error():
                         perturbation_features=None)
     with pytest.raises(ValueError, match="no training control cells with cell_type='B'"):
         StartCells(model, {"cell_type": "B"}, n=5)
+
+
+def test_noise_prior_draws_are_centred_on_the_prior_mean_block_by_block():
+    adata = _replicates()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = CellDiT(adata, pair_keys=["rep"], source="noise", hidden_size=16, depth=1, num_heads=2,
+                        perturbation_features=None)
+    start = StartCells(model, {}, n=50, seed=0)
+    block, _ = start.draw(30, need_library=False)
+    np.testing.assert_allclose(block.numpy().mean(0), start.prior_mean.numpy(), atol=1e-5)
+    assert block.numpy().std(0).min() > 0.05  # still a spread of cells
+    last, _ = start.draw(1, need_library=False)  # a block of one cell is kept as drawn
+    assert np.abs(last.numpy()[0] - start.prior_mean.numpy()).max() > 1e-3
