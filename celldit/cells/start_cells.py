@@ -5,8 +5,8 @@ drawn within the asked covariate group; a noise-source model starts from draws o
 prior around that group's mean control cell.
 
 Bank cells are drawn without repeats while the group has cells left (a generated sample made
-of repeated cells is narrower than the population: on Papalexi, 666 draws with repeats from
-500 controls scored 0.01-0.06 worse in E-distance than distinct cells). When ``generate`` is
+of repeated cells is narrower than the population: on Papalexi, real controls plus the mean
+shift scored 0.01-0.03 worse in E-distance when drawn with repeats than each once). When ``generate`` is
 given control cells of the batch to generate in, the bank's batches are weighted by how alike
 their mean control cell is to those cells' mean (the kernel of the batch anchors, see
 :class:`~celldit.cells.anchors.ConditionTable`), so that a new replicate starts mostly from the
@@ -16,8 +16,8 @@ For a centred model (cells relative to their batch's mean control cell) the draw
 then moved together so that their mean is exactly the batch's, as the real controls of a
 counterfactual are: a control variate that removes the sampling noise of the sources' mean
 (which, with the same seed for every label, would move every label's mean alike). On Papalexi
-rep_3 this lifted the pd_de20 of generated controls plus the mean shift from 0.39 / 0.43 to
-0.49 / 0.47 (two seeds). With ``n = 1`` the one drawn cell is kept as it is. A noise source's
+rep_3 it lifted the pd_de20 of ``generate`` from 0.31 to 0.43 and lowered its E-distance by
+0.006-0.021 (two seeds; ``docs/cells.md``). With ``n = 1`` the one drawn cell is kept as it is. A noise source's
 prior draws are centred the same way on the prior's mean, block by block (``generate`` draws
 ``batch_size`` cells at a time), so memory stays bounded.
 """
