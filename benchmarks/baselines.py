@@ -15,7 +15,6 @@ Writes and prints ``{protocol: {method: {metric: mean over conditions}}}``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -25,6 +24,7 @@ import anndata as ad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from celldit.bench import emit_report
 from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
@@ -97,9 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     for cell_type in sorted(kang_data.obs["cluster_id"].astype(str).unique()):
         name = f"kang_{cell_type}"
         results[name], sizes[name] = kang(args.data, cell_type, args.seed, adata=kang_data)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    emit_report(results, args.out)
     print(f"conditions per protocol: {sizes}; {time.time() - start:.1f} s", file=sys.stderr)
     return 0
 

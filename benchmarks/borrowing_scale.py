@@ -30,7 +30,6 @@ knockouts, over the 9 of ``papalexi_unseen`` and over the others.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import warnings
@@ -42,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from celldit.bench import emit_report
 from celldit.cells import CellDiT
 from celldit.cells.borrowing import _loo_fit
 from celldit.data.spec import PerturbationSpec
@@ -132,11 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "pair_keys": ["bio_rep"], "anchors_only": True, "on_target": not args.no_on_target},
            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
            "scales": {k: round(v, 3) for k, v in scales.items()}, "summary": summary, "per_condition": per_condition}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_report(out, args.out)
     return out
 
 

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from celldit.bench import emit_report
 from celldit.cells import CellDiT
 from celldit.cells.control_mean import batch_labels, pooled_control_mean
 from celldit.cells.outputs import SUPPORTS, first_count_level, to_support
@@ -423,11 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
             else:
                 result[name] = out
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_report(result, args.out)
     return 0
 
 

@@ -18,7 +18,6 @@ Measured in the same run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -111,11 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+    from celldit.bench import emit_report
+
+    emit_report(result, a.out, default=str)
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from celldit.bench import bench_image
+from celldit.bench import bench_image, emit_report
 
 SUITES: dict[str, list[dict[str, Any]]] = {
     "cpu": [
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                 ("threads", args.threads), ("peak_tflops", args.peak_tflops))
               if v is not None}  # fmt: skip
     results = run(configs, **common)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit_report(results, args.out)
     return 0 if all("error" not in r for r in results) else 1
 
 

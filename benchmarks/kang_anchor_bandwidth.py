@@ -26,7 +26,6 @@ Prints one JSON object: config, machine, and per held-out type pd_de20 for every
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -37,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from celldit.bench import emit_report
 from celldit.cells.borrowing import BANDWIDTH_FACTORS as FACTORS
 from celldit.data.expression import log_normalize
 
@@ -99,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
               "held_out": out, "mean_pd_de20_by_factor": means,
               "mean_logo_pd_de20": round(float(np.mean([v["logo_pd_de20"] for v in out.values()])), 4),
               "wall_s": round(time.perf_counter() - t0, 1)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_report(result, args.out, indent=1)
     return 0
 
 

@@ -66,6 +66,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from celldit.bench import emit_report
 from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
@@ -562,11 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result[name] = PROTOCOLS[name](args.data, args, pythons, skipped, work, env)
         result[name]["wall_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_report(result, args.out)
     return 0
 
 

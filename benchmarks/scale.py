@@ -258,11 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             first, last = report["sizes"][sizes[0]]["construct"], report["sizes"][sizes[-1]]["construct"]
             report["construct_time_ratio_vs_cells_ratio"] = round(
                 (last["wall_s"] / first["wall_s"]) / (int(sizes[-1]) / int(sizes[0])), 3)
-        text = json.dumps(report, indent=2)
-        if a.out is not None:
-            a.out.parent.mkdir(parents=True, exist_ok=True)
-            a.out.write_text(text + "\n")
-        return text
+        from celldit.bench import emit_report
+
+        return emit_report(report, a.out, echo=False)
 
     cf_at = a.cf_at if a.cf_at is not None else min(a.cells)
     for n in a.cells:

@@ -26,7 +26,6 @@ pd_de20, pd_all, mse_de20 and E-distance for each reference and the baselines.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -39,6 +38,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from celldit.bench import emit_report
 from celldit.data.expression import log_normalize
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutReplicate
@@ -115,11 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                                         for k in METRICS if k in result["by_seed"][str(args.seeds[0])][name]}
                                  for name in result["by_seed"][str(args.seeds[0])]}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_report(result, args.out, indent=1)
     return 0
 
 

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_model_folder", "read_json", "read_extra_json", "save_model_folder",
-           "physical_memory", "tensor_shapes", "write_h5ad_atomic"]
+           "physical_memory", "tensor_shapes", "write_h5ad_atomic", "write_text_atomic"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -171,6 +171,23 @@ def write_h5ad_atomic(adata: Any, path: str | Path, overwrite: bool = False) -> 
     tmp = _temporary_sibling(path, folder=False)
     try:
         adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` (its folder made as needed) through a temporary sibling
+    renamed into place, replacing an existing file: a report rewritten after every stage of a
+    long run is never left half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    tmp = _temporary_sibling(path, folder=False)
+    try:
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
