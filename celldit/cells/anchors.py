@@ -24,6 +24,20 @@ from .vocab import parse_condition
 ConditionKey = tuple[tuple[str, ...], tuple[float, ...]]  # (sorted names, their doses)
 
 
+def median_bandwidth(means: Sequence[np.ndarray]) -> float | None:
+    """The median squared distance between mean control cells (the kernel's bandwidth by the
+    median heuristic); None with fewer than two of them or when they coincide."""
+    d2 = [float(((a - b) ** 2).sum()) for i, a in enumerate(means) for b in means[i + 1:]]
+    return float(np.median(d2)) if d2 and np.median(d2) > 0 else None
+
+
+def likeness_weights(d2: np.ndarray, bandwidth: float | None) -> np.ndarray:
+    """Normalised kernel weights ``exp(-(d2 - min d2) / bandwidth)`` of groups at squared
+    distances ``d2`` (all alike without a bandwidth)."""
+    w = np.exp(-(d2 - d2.min()) / bandwidth) if bandwidth else np.ones(len(d2))
+    return w / w.sum()
+
+
 def cell_conditions(obs: pd.DataFrame, spec: PerturbationSpec) -> list[ConditionKey]:
     """Condition key of every cell of ``obs`` under ``spec``: (sorted names, their doses)."""
     labels = obs[spec.perturbation_key].astype(str).to_numpy()
@@ -77,9 +91,7 @@ class ConditionTable:
         self._shifts_of: dict[int, list[tuple[int, np.ndarray]]] = {}  # row -> [(group, shift)]
         for (r, g), v in sorted(self.group_shifts.items()):
             self._shifts_of.setdefault(r, []).append((g, v))
-        means = list(self.group_controls.values())
-        d2 = [float(((a - b) ** 2).sum()) for i, a in enumerate(means) for b in means[i + 1:]]
-        self.bandwidth = float(np.median(d2)) if d2 and np.median(d2) > 0 else None
+        self.bandwidth = median_bandwidth(list(self.group_controls.values()))
         self.bandwidth_factor = 1.0
         if self.bandwidth is not None and self.bandwidth_rule == "leave_one_group_out":
             self.bandwidth_factor = self._leave_one_group_out()
@@ -120,11 +132,11 @@ class ConditionTable:
             return self.anchors[row]
         bandwidth = self.bandwidth if bandwidth is None else bandwidth
         if bandwidth is None or control_mean is None:
-            w = np.ones(len(items))
+            w = np.full(len(items), 1.0 / len(items))
         else:
-            d2 = np.array([((control_mean - self.group_controls[g]) ** 2).sum() for g, _ in items])
-            w = np.exp(-(d2 - d2.min()) / bandwidth)
-        return (np.tensordot(w / w.sum(), np.stack([v for _, v in items]), axes=1)).astype(self.anchors.dtype)
+            w = likeness_weights(np.array([((control_mean - self.group_controls[g]) ** 2).sum() for g, _ in items]),
+                                 bandwidth)
+        return (np.tensordot(w, np.stack([v for _, v in items]), axes=1)).astype(self.anchors.dtype)
 
     def held_out_anchor(self, row: int, group: int) -> np.ndarray | None:
         """Anchor of condition ``row`` as covariate group ``group`` would get it had it never

@@ -314,6 +314,5 @@ def control_bank(rows, ctrl_rows: np.ndarray, ctrl_batch: np.ndarray, cov_frame:
                                   ).astype(np.int64))
     bank_obs = cov_frame.iloc[keep].reset_index(drop=True)
     bank_obs.index = np.asarray(names)[keep].astype(str)
-    batch_of = dict(zip(ctrl_rows, ctrl_batch))
-    bank_batch = np.array([batch_of[r] for r in keep], dtype=np.int64)
+    bank_batch = np.asarray(ctrl_batch, dtype=np.int64)[np.searchsorted(ctrl_rows, keep)]  # ctrl_rows is sorted
     return torch.from_numpy(rows.all_rows(keep)), bank_obs, rows.library_sizes(keep), bank_batch

@@ -30,18 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .anchors import likeness_weights, median_bandwidth
+
 __all__ = ["StartCells", "batch_weights"]
 
 
 def batch_weights(means: np.ndarray, target: np.ndarray) -> np.ndarray:
     """(B,) weights of batches whose mean control cells are ``means`` (B, G) for cells of mean
-    ``target`` (G,): ``exp(-(d2 - min d2) / h)``, ``d2`` the squared distances and ``h`` the
-    median squared distance between the batches (all alike when there is one batch)."""
-    d2 = ((means - target[None]) ** 2).sum(1)
-    pairs = [float(((a - b) ** 2).sum()) for i, a in enumerate(means) for b in means[i + 1:]]
-    h = float(np.median(pairs)) if pairs else 0.0
-    w = np.exp(-(d2 - d2.min()) / h) if h > 0 else np.ones(len(means))
-    return w / w.sum()
+    ``target`` (G,): the batch anchors' kernel (:func:`~celldit.cells.anchors.likeness_weights`
+    at the median heuristic's bandwidth; all alike when there is one batch)."""
+    return likeness_weights(((means - target[None]) ** 2).sum(1), median_bandwidth(list(means)))
 
 
 class StartCells:
