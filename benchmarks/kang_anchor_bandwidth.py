@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from celldit.bench import emit_report
+from celldit.cells.anchors import likeness_weights, median_bandwidth
 from celldit.cells.borrowing import BANDWIDTH_FACTORS as FACTORS
 from celldit.data.expression import log_normalize
 
@@ -54,13 +55,8 @@ def weighted_anchor(target: str, others: list[str], control: dict, response: dic
     the median squared distance among ``others`` (``"median"``) or ``target``'s to its nearest
     other (``"nearest"``)."""
     d2 = np.array([((control[target] - control[o]) ** 2).sum() for o in others])
-    if np.isfinite(factor) and len(others) > 1:
-        pairs = [((control[p] - control[q]) ** 2).sum() for i, p in enumerate(others) for q in others[i + 1:]]
-        h0 = np.median(pairs) if scale == "median" else d2.min()
-        w = np.exp(-(d2 - d2.min()) / (factor * h0))
-    else:
-        w = np.ones(len(others))
-    w /= w.sum()
+    h0 = median_bandwidth([control[o] for o in others]) if scale == "median" else d2.min()
+    w = likeness_weights(d2, factor * h0 if np.isfinite(factor) and len(others) > 1 and h0 else None)
     return w @ np.stack([response[o] for o in others]), dict(zip(others, np.round(w, 3).tolist()))
 
 
