@@ -43,27 +43,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from celldit.bench import cell_scoring as scoring
 from celldit.bench import emit_report
 from celldit.cells import CellDiT
-from celldit.cells.control_mean import batch_labels, pooled_control_mean
-from celldit.cells.outputs import SUPPORTS, first_count_level, to_support
-from celldit.data.expression import log_normalize
+from celldit.cells.outputs import SUPPORTS
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
-from celldit.eval.report import evaluate
+from celldit.eval.report import evaluate, summarize
 from celldit.train.trainer import set_threads
 
 PAPALEXI = "papalexi2021_thp1_crispr_ko.h5ad"
 KANG = "kang2018_pbmc_ifnb_celltypes.h5ad"
 NORMAN = "norman2019_toy_combos.h5ad"
-METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "r2_mean", "edistance")
-
-
-def _summary(res, methods) -> dict:
-    def num(v):
-        return None if v is None else round(float(v), 4)
-
-    return {m: {k: num(res.summary[m][k]) for k in METRICS if k in res.summary[m]} for m in methods}
 
 
 def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
@@ -98,44 +89,6 @@ def _sample(model: CellDiT, controls: ad.AnnData, labels: list[str], args) -> tu
     return pred, {"sample_s": round(dt, 2), "sample_cells_per_s": round(pred.n_obs / dt, 1), "cells": pred.n_obs}
 
 
-def _first_levels(model: CellDiT, controls: ad.AnnData, pred: ad.AnnData) -> np.ndarray:
-    """(n,) first count level of each predicted cell's source control cell (``celldit_source``)."""
-    rows = model.sampler.input_rows(controls)
-    library = rows.library_sizes(np.arange(controls.n_obs))
-    levels = first_count_level(None, library) if library is not None else rows.smallest_positive()
-    return levels[controls.obs_names.get_indexer(pred.obs["celldit_source"].astype(str))]
-
-
-def _by_support(real: ad.AnnData, pred: ad.AnnData, spec: PerturbationSpec, train: ad.AnnData, seed: int,
-                levels: np.ndarray | None = None, min_cells: int = 40) -> dict:
-    """The same predicted cells (their flow output, ``layers['flow']``) brought to log1p's support
-    by each rule of :data:`SUPPORTS`, one condition at a time as the output writer does, and
-    scored: a paired comparison of the rules. ``"discrete"`` needs ``levels`` (each cell's
-    source's first count level; cells generated from noise have none, and skip it)."""
-    flow, labels = np.asarray(pred.layers["flow"]), pred.obs[spec.perturbation_key].astype(str).to_numpy()
-    real_labels = real.obs[spec.perturbation_key].astype(str).to_numpy()
-    real_x = real[:, pred.var_names].X
-    detected = {lab: np.asarray((real_x[real_labels == lab] > 0).mean(0)).ravel() for lab in np.unique(labels)}
-    out = {}
-    rng = np.random.default_rng([seed, 3])
-    for how in SUPPORTS if levels is not None else [h for h in SUPPORTS if h != "discrete"]:
-        x = np.empty_like(flow)
-        for lab in np.unique(labels):
-            rows = labels == lab
-            x[rows] = to_support(flow[rows], how, first_level=None if levels is None else levels[rows], rng=rng)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "none" keeps negative values
-            res = evaluate(real, ad.AnnData(x, obs=pred.obs, var=pred.var), spec, train=train, min_cells=min_cells,
-                           baselines=[], seed=seed, figures=False, cell_eval=False)
-        out[how] = _summary(res, ["model"])["model"]
-        # how far each gene's fraction of detecting cells (X > 0) is from the real cells', averaged
-        out[how]["detection_error"] = round(float(np.mean([np.abs((x[labels == lab] > 0).mean(0) - detected[lab]).mean()
-                                                           for lab in detected])), 4)
-    control = np.asarray((real_x[np.isin(real_labels, spec.control_labels)] > 0).mean(0)).ravel()
-    out["no_change_detection_error"] = round(float(np.mean([np.abs(control - d).mean() for d in detected.values()])), 4)
-    return out
-
-
 def papalexi_rep3(data: Path, args) -> dict:
     raw = ad.read_h5ad(data / PAPALEXI)
     spec = PerturbationSpec("perturbation", control="control")
@@ -157,64 +110,35 @@ def papalexi_rep3(data: Path, args) -> dict:
         warnings.simplefilter("ignore", UserWarning)  # negative values are the point here
         res_flow = evaluate(test, flow, spec, train=train, min_cells=40, baselines=[], seed=args.seed, figures=False,
                             cell_eval=False)
-    # perturbations where the mean shift is worse than doing nothing: the model must stay near no change
-    weak = per_condition.index[per_condition["mean_shift"] > per_condition["no_change"]]
-    above = per_condition.loc[weak, "model"] - per_condition.loc[weak, "no_change"]
     out = {"n_conditions": res.summary["n_conditions"], "pair_keys": pair_keys, **timing, **sampling,
-           "metrics": _summary(res, ["model", "mean_shift", "train_mean", "linear", "no_change"]),
-           "model_before_support": _summary(res_flow, ["model"])["model"],
-           "weak": {"mean_shift_worse_than_no_change": sorted(weak),
-                    "model_above_no_change_by_0.01": sorted(above.index[above > 0.01]),
-                    "max_model_minus_no_change": round(float(above.max()), 4) if len(above) else None},
-           "model_by_support": _by_support(test, pred, spec, train, args.seed, _first_levels(model, controls, pred)),
+           "metrics": scoring.method_summary(res, ["model", "mean_shift", "train_mean", "linear", "no_change"]),
+           "model_before_support": scoring.method_summary(res_flow, ["model"])["model"],
+           # perturbations where the mean shift is worse than doing nothing: the model must stay near no change
+           "weak": scoring.weak_knockouts(per_condition["model"], per_condition),
+           "model_by_support": scoring.score_by_support(test, pred, spec, train, args.seed,
+                                                        scoring.first_levels(model, controls, pred)),
            "edistance_per_condition": per_condition.round(4).to_dict(),
-           "control_mean_pooled": _pooled(model, test, controls, train, spec, keep, per_condition, args)}
+           "control_mean_pooled": scoring.pooled_reference(model, test, controls, train, spec, keep, per_condition,
+                                                           seed=args.seed, steps=args.sample_steps,
+                                                           cfg_scale=args.cfg_scale, support=args.support)}
     if args.generate:  # cells from the model alone (the noise prior, or the bank of training controls), in rep_3
         # as many cells as the counterfactuals and baselines start from (rep_3's controls): the
         # scorer draws a prediction's cells with replacement, and repeats from a smaller pool
         # lower its within-sample distance, which inflates E-distance (noise source, seed 0: 0.502
         # with as many cells as rep_3 has of P, 0.401 with 666)
+        support = _generate_support(args)
         parts = [model.generate(lab, n=controls.n_obs, controls=controls, seed=args.seed, steps=args.sample_steps,
-                                cfg_scale=args.cfg_scale, support=_generate_support(args), raw_layer=True) for lab in keep]
+                                cfg_scale=args.cfg_scale, support=support, raw_layer=True) for lab in keep]
         gen = ad.concat(parts, merge="same")
         gen.obs_names_make_unique()
         res_g = evaluate(test, gen, spec, train=train, min_cells=40, baselines=[], seed=args.seed, figures=False,
                          cell_eval=False)
-        out["generate_metrics"] = _summary(res_g, ["model"])["model"]
-        out["generate_by_support"] = _by_support(test, gen, spec, train, args.seed)
-        out["generated_controls_mean_shift"] = _generated_mean_shift(model, test, controls, train, spec, keep, args)
-    return out
-
-
-def _pooled(model: CellDiT, test: ad.AnnData, controls: ad.AnnData, train: ad.AnnData, spec: PerturbationSpec,
-            keep: list[str], per_condition, args) -> dict:
-    """The model's counterfactuals with ``control_mean="pooled"`` (the same model and seed), and
-    the mean-shift baseline moved by the same kind of pooled control mean (computed here from
-    the scorer's log1p cells and the training replicates' mean controls), scored alike."""
-    pred = model.counterfactual(controls, keep, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                                support=args.support, control_mean="pooled")
-    x_train, x_test = log_normalize(train), log_normalize(test)
-    ctrl_train = x_train[x_train.obs["perturbation"] == "control"]
-    batches = batch_labels(ctrl_train.obs, model.config.pair_keys)
-    dense = (lambda a: np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X, dtype=np.float64))
-    xc, names = dense(ctrl_train), np.unique(batches)
-    refs, sizes = np.stack([xc[batches == b].mean(0) for b in names]), np.array([(batches == b).sum() for b in names])
-    rep3 = dense(x_test[x_test.obs["perturbation"] == "control"])
-    pooled_mean, weights = pooled_control_mean(rep3, refs, sizes)
-    plain = {p: dense(x_train[x_train.obs["perturbation"] == p]).mean(0) - xc.mean(0) for p in keep}
-    cells = np.vstack([rep3 + plain[p] + (pooled_mean - rep3.mean(0)) for p in keep]).astype(np.float32)
-    obs = pd.DataFrame({"perturbation": np.repeat(keep, len(rep3))}, index=[str(i) for i in range(len(cells))])
-    out = {"weights": dict(zip(["rep_3 itself", *names], np.round(weights, 3).tolist()))}
-    for name, p in (("model", pred), ("mean_shift", ad.AnnData(cells, obs=obs, var=test.var.copy()))):
-        res = evaluate(test, p, spec, train=train, min_cells=40, baselines=[], seed=args.seed, figures=False,
-                       cell_eval=False)
-        out[name] = _summary(res, ["model"])["model"]
-        if name == "model":
-            table = res.table.set_index("perturbation")["edistance"]
-            weak = per_condition.index[per_condition["mean_shift"] > per_condition["no_change"]]
-            above = table.loc[weak] - per_condition.loc[weak, "no_change"]
-            out["model_above_no_change_by_0.01"] = sorted(above.index[above > 0.01])
-            out["max_model_minus_no_change"] = round(float(above.max()), 4) if len(above) else None
+        out["generate_metrics"] = scoring.method_summary(res_g, ["model"])["model"]
+        out["generate_weak"] = scoring.weak_knockouts(scoring.per_condition_edistance(res_g), per_condition)
+        out["generate_edistance_per_condition"] = scoring.per_condition_edistance(res_g).round(4).to_dict()
+        out["generate_by_support"] = scoring.score_by_support(test, gen, spec, train, args.seed)
+        out["generated_controls_mean_shift"] = scoring.generated_mean_shift(
+            model, test, controls, train, spec, keep, seed=args.seed, steps=args.sample_steps, support=support)
     return out
 
 
@@ -222,30 +146,6 @@ def _generate_support(args) -> str:
     """``--support`` for generated cells: ``"discrete"`` (counterfactuals' default) needs source
     cells, so generated cells take ``generate``'s default, ``"balance"``."""
     return "balance" if args.support == "discrete" else args.support
-
-
-def _generated_mean_shift(model: CellDiT, test: ad.AnnData, controls: ad.AnnData, train: ad.AnnData,
-                          spec: PerturbationSpec, keep: list[str], args) -> dict:
-    """``generate``'s reference on the same footing: the mean-shift baseline started from
-    generated control cells (as many as rep_3's, on rep_3's control mean) instead of rep_3's
-    real ones. ``generate`` knows rep_3 only by its controls' mean; the plain mean shift
-    carries rep_3's real cells, so the two differ by what real cells are worth as well."""
-    made = model.generate(spec.control_labels[0], n=controls.n_obs, controls=controls, seed=args.seed,
-                          steps=args.sample_steps, support=_generate_support(args))
-    fitted = evaluate(test, None, spec, train=train, baselines=["mean_shift"], seed=args.seed, figures=False,
-                      cell_eval=False).predictions["mean_shift"].baseline
-    if not made.var_names.equals(fitted.var_names):
-        raise ValueError("the model's genes differ from the scored genes")
-    x = np.asarray(made.X, dtype=np.float32)
-    parts = [ad.AnnData(x + fitted.shift(lab, (), x.mean(0))[None].astype(np.float32), var=made.var,
-                        obs={spec.perturbation_key: [lab] * len(x)}) for lab in keep]
-    ref = ad.concat(parts)
-    ref.obs_names_make_unique()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a shift can leave values below 0, as for the baselines
-        res = evaluate(test, ref, spec, train=train, min_cells=40, baselines=[], seed=args.seed, figures=False,
-                       cell_eval=False)
-    return _summary(res, ["model"])["model"]
 
 
 def kang(data: Path, args) -> dict:
@@ -260,9 +160,11 @@ def kang(data: Path, args) -> dict:
         pred, sampling = _sample(model, ctrl, ["stim"], args)
         res = evaluate(test, pred, spec, train=train, baselines=["no_change", "mean_shift", "linear"], seed=args.seed,
                        figures=False, cell_eval=False)
-        out[cell_type] = {**timing, **sampling, "metrics": _summary(res, ["model", "mean_shift", "linear", "no_change"]),
-                          "model_by_support": _by_support(test, pred, spec, train, args.seed,
-                                                          _first_levels(model, ctrl, pred), min_cells=1)}
+        out[cell_type] = {**timing, **sampling,
+                          "metrics": scoring.method_summary(res, ["model", "mean_shift", "linear", "no_change"]),
+                          "model_by_support": scoring.score_by_support(test, pred, spec, train, args.seed,
+                                                                       scoring.first_levels(model, ctrl, pred),
+                                                                       min_cells=1)}
         m, b = out[cell_type]["metrics"]["model"], out[cell_type]["metrics"]["mean_shift"]
         out[cell_type]["beats_mean_shift_r2_and_pd_de20"] = bool(
             m["r2_mean"] > b["r2_mean"] and m["pearson_delta_de20"] > b["pearson_delta_de20"])
@@ -304,7 +206,7 @@ def kang_donor(data: Path, args) -> dict:
         res = evaluate(test, pred, spec, train=train, baselines=["no_change", "mean_shift", "linear"], seed=args.seed,
                        figures=False, cell_eval=False, min_cells=20)
         out[donor] = {**timing, **sampling, "n_conditions": res.summary["n_conditions"],
-                      "metrics": _summary(res, ["model", "mean_shift", "linear", "no_change"])}
+                      "metrics": scoring.method_summary(res, ["model", "mean_shift", "linear", "no_change"])}
         print(f"kang donor {donor}: {json.dumps(out[donor]['metrics'])}", file=sys.stderr, flush=True)
     return out
 
@@ -333,16 +235,13 @@ def papalexi_unseen(data: Path, args) -> dict:
                        figures=False, cell_eval=False, min_cells=40)
         tables.append(res.table)
         rule = model.sampler.on_target_rule
-        out[f"fold{k}"] = {**timing, **sampling, "metrics": _summary(res, ["model", "train_mean", "linear", "no_change"]),
+        out[f"fold{k}"] = {**timing, **sampling,
+                           "metrics": scoring.method_summary(res, ["model", "train_mean", "linear", "no_change"]),
                            "on_target_fraction": None if rule is None else round(rule.fraction, 4)}
         print(f"papalexi_unseen fold {k} {fold}: {json.dumps(out[f'fold{k}']['metrics'])}", file=sys.stderr, flush=True)
-    import pandas as pd
-
-    from celldit.eval.report import summarize
-
     table = pd.concat(tables, ignore_index=True)
     summary = summarize(table)
-    out["metrics"] = {m: {k: None if summary[m][k] is None else round(float(summary[m][k]), 4) for k in METRICS}
+    out["metrics"] = {m: {k: None if summary[m][k] is None else round(float(summary[m][k]), 4) for k in scoring.METRICS}
                       for m in ("model", "train_mean", "linear", "no_change")}
     out["per_condition"] = {k: table.pivot_table(index="perturbation", columns="method", values=k).round(4).to_dict()
                             for k in ("pearson_delta_de20", "edistance")}
