@@ -9,8 +9,8 @@ held-out split, and returns plain numbers for the benchmark's JSON:
 - :func:`score_by_support`: the same flow output put on log1p's support by every rule, scored;
 - :func:`pooled_reference`: counterfactuals with ``control_mean="pooled"`` beside the mean
   shift moved by the same kind of pooled control mean;
-- :func:`generated_mean_shift`: ``generate``'s reference on the same footing (the mean shift
-  started from generated control cells).
+- :func:`generated_references`: ``generate``'s references on the same footing (generated
+  control cells, as they are and moved by the mean shift).
 """
 
 from __future__ import annotations
@@ -157,12 +157,22 @@ def pooled_reference(model, test: ad.AnnData, controls: ad.AnnData, train: ad.An
     return out
 
 
-def generated_mean_shift(model, test: ad.AnnData, controls: ad.AnnData, train: ad.AnnData, spec: PerturbationSpec,
+def generated_references(model, test: ad.AnnData, controls: ad.AnnData, train: ad.AnnData, spec: PerturbationSpec,
                          keep: list[str], *, seed: int, steps: int | None = None, support: str = "balance") -> dict:
-    """``generate``'s reference on the same footing: the mean-shift baseline started from
-    generated control cells (as many as ``controls``, on their mean) instead of the real ones.
-    ``generate`` knows the held-out batch only by its controls' mean; the plain mean shift
-    carries its real cells, so the two differ by what real cells are worth as well."""
+    """``generate``'s references on the same footing: generated control cells (as many as
+    ``controls``, on their mean) standing in for the real ones, as they are (no change) and
+    moved by the plain mean shift.
+
+    ``generate`` knows the held-out batch only by its controls' mean; the plain baselines carry
+    its real cells, so they differ from ``generate`` by what real cells are worth as well.
+
+    Returns
+    -------
+    dict
+        ``mean_shift`` and ``no_change``: their metrics; ``per_condition``: a DataFrame of their
+        E-distance per condition (columns ``mean_shift``, ``no_change``), the reference of the
+        weak-perturbation rule (:func:`weak_knockouts`) for generated cells.
+    """
     made = model.generate(spec.control_labels[0], n=controls.n_obs, controls=controls, seed=seed, steps=steps,
                           support=support)
     fitted = evaluate(test, None, spec, train=train, baselines=["mean_shift"], seed=seed, figures=False,
@@ -170,8 +180,14 @@ def generated_mean_shift(model, test: ad.AnnData, controls: ad.AnnData, train: a
     if not made.var_names.equals(fitted.var_names):
         raise ValueError("the model's genes differ from the scored genes")
     x = np.asarray(made.X, dtype=np.float32)
-    parts = [ad.AnnData(x + fitted.shift(lab, (), x.mean(0))[None].astype(np.float32), var=made.var,
-                        obs={spec.perturbation_key: [lab] * len(x)}) for lab in keep]
-    ref = ad.concat(parts)
-    ref.obs_names_make_unique()
-    return method_summary(_score(test, ref, spec, train, seed), ["model"])["model"]
+    out, per_condition = {}, {}
+    for name in ("mean_shift", "no_change"):
+        parts = [ad.AnnData(x + (fitted.shift(lab, (), x.mean(0))[None].astype(np.float32) if name == "mean_shift"
+                                 else 0), var=made.var, obs={spec.perturbation_key: [lab] * len(x)}) for lab in keep]
+        ref = ad.concat(parts)
+        ref.obs_names_make_unique()
+        res = _score(test, ref, spec, train, seed)
+        out[name] = method_summary(res, ["model"])["model"]
+        per_condition[name] = per_condition_edistance(res)
+    out["per_condition"] = pd.DataFrame(per_condition)
+    return out

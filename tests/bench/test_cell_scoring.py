@@ -41,29 +41,35 @@ def _screen(seed: int):
     return make_adata(counts, n_genes=10, space="log", effects=effects, sparse=False, seed=seed)
 
 
-def test_generated_controls_equal_to_the_real_ones_give_the_mean_shift_baseline():
+def test_generated_controls_equal_to_the_real_ones_give_the_mean_shift_and_no_change_baselines():
     train, test = _screen(0), _screen(1)
     spec = PerturbationSpec("perturbation", control="control")
     controls = test[test.obs["perturbation"] == "control"].copy()
     model = _Generator(controls)
-    got = scoring.generated_mean_shift(model, test, controls, train, spec, ["A", "B"], seed=0)
+    refs = scoring.generated_references(model, test, controls, train, spec, ["A", "B"], seed=0)
+    got = refs["mean_shift"]
     assert model.calls == [("control", controls.n_obs)]
-    want = evaluate(test, None, spec, train=train, baselines=["mean_shift"], min_cells=40, seed=0, figures=False,
-                    cell_eval=False).summary["mean_shift"]
+    want = evaluate(test, None, spec, train=train, baselines=["mean_shift", "no_change"], min_cells=40, seed=0,
+                    figures=False, cell_eval=False)
     for key in ("pearson_delta_de20", "mse_de20", "edistance"):
-        assert got[key] == pytest.approx(float(want[key]), abs=1e-4), key
+        assert got[key] == pytest.approx(float(want.summary["mean_shift"][key]), abs=1e-4), key
+    assert refs["no_change"]["edistance"] == pytest.approx(float(want.summary["no_change"]["edistance"]), abs=1e-4)
     assert got["pearson_delta_de20"] > 0.9  # the planted effects are recovered
+    # per condition, the reference of the weak rule: the baselines' own E-distances
+    table = want.table.pivot_table(index="perturbation", columns="method", values="edistance")
+    np.testing.assert_allclose(refs["per_condition"].sort_index().to_numpy(),
+                               table[["mean_shift", "no_change"]].sort_index().to_numpy(), atol=1e-6)
 
 
 def test_generated_controls_off_the_real_ones_score_worse():
     train, test = _screen(0), _screen(1)
     spec = PerturbationSpec("perturbation", control="control")
     controls = test[test.obs["perturbation"] == "control"].copy()
-    exact = scoring.generated_mean_shift(_Generator(controls), test, controls, train, spec, ["A", "B"], seed=0)
+    exact = scoring.generated_references(_Generator(controls), test, controls, train, spec, ["A", "B"], seed=0)
     spread = controls.copy()
     spread.X = np.asarray(spread.X) + np.random.default_rng(2).normal(0, 1.0, spread.shape).astype(np.float32)
-    worse = scoring.generated_mean_shift(_Generator(spread), test, controls, train, spec, ["A", "B"], seed=0)
-    assert worse["edistance"] > exact["edistance"] + 0.1
+    worse = scoring.generated_references(_Generator(spread), test, controls, train, spec, ["A", "B"], seed=0)
+    assert worse["mean_shift"]["edistance"] > exact["mean_shift"]["edistance"] + 0.1
 
 
 def test_support_rules_scored_side_by_side_with_each_genes_detection_rate():
