@@ -14,7 +14,7 @@ Set the peers up once (pip reads the configured index; versions pinned below)::
 which runs, for CellFlow (Python 3.11) and CPA (Python 3.10: cpa-tools 0.8 needs torch < 2,
 and torch 1.13 does not import on Python 3.11)::
 
-    python3.11 -m venv DIR/cellflow && DIR/cellflow/bin/pip install <CELLFLOW_PINS>
+    python3.11 -m venv DIR/cellflow && DIR/cellflow/bin/pip install <CELLFLOW_PINS>   # in peer_envs.py
     python3.10 -m venv DIR/cpa && DIR/cpa/bin/pip install <CPA_PINS> && \
         DIR/cpa/bin/pip install --no-deps cpa-tools==0.8.1
 
@@ -65,185 +65,25 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, also when imported by tests
+
+from peer_envs import DEFAULT_VENV_DIR, check_peer, not_installed, peer_python, runner_env, setup
+from peer_settings import BUDGET, GRIDS, base_settings, choose
+from peer_splits import KANG_BASELINES, Split, kang_split, papalexi_split
 
 from celldit.bench import emit_report
+from celldit.bench.cell_scoring import METRICS, method_summary
 from celldit.data.expression import log_normalize
-from celldit.data.spec import PerturbationSpec
-from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
 from celldit.eval.report import evaluate
 
 PAPALEXI = "papalexi2021_thp1_crispr_ko.h5ad"
 KANG = "kang2018_pbmc_ifnb_celltypes.h5ad"
-METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "r2_mean", "edistance")
-RANKED = {"pearson_delta_de20": -1, "pearson_delta_all": -1, "mse_de20": 1, "edistance": 1}  # sign: lower rank wins
-# as benchmarks/cells.py: papalexi_rep3 (min_cells 40) and kang (min_cells 1)
-PAPALEXI_BASELINES = ["no_change", "train_mean", "mean_shift", "linear"]
-KANG_BASELINES = ["no_change", "mean_shift", "linear"]
 PEERS = ("cellflow", "cpa")
 # peers whose predicted cells are the means of a count likelihood (no sampling noise): each is
 # also scored with counts drawn from those means (see counts_drawn)
 COUNT_MODELS = ("cpa",)
 RUNNERS = Path(__file__).resolve().parent / "peer_runners"
-DEFAULT_VENV_DIR = Path.home() / ".cache" / "celldit-peers"
-CELLFLOW_PINS = ["cellflow-tools==0.0.9", "jax==0.10.2", "jaxlib==0.10.2", "flax==0.12.8", "ott-jax==0.6.0",
-                 "optax==0.2.8", "anndata==0.12.19", "scanpy==1.11.5", "requests"]
-# cpa-tools 0.8.1 lists its development tools (jupyter, black, flake8, pytest...) as requirements,
-# on which pip's resolver backtracks for a long time: its runtime requirements are installed
-# first (pinned to the torch < 2 era), then cpa-tools itself with --no-deps.
-CPA_PINS = ["torch==1.13.1", "setuptools<70", "scvi-tools==0.20.3", "pytorch-lightning<2", "rdkit-pypi", "adjustText",
-            "seaborn", "numpy<2", "pandas<2", "anndata<0.10", "scanpy<1.10", "jax<0.4.24", "jaxlib<0.4.24", "flax<0.8",
-            "chex<0.1.86", "optax<0.1.8", "ml-dtypes<0.3", "scipy<1.12", "pyro-ppl<1.9", "torchmetrics<1.3",
-            "orbax-checkpoint<0.5", "requests"]
-PYTHONS = {"cellflow": "3.11", "cpa": "3.10"}
-DISTRIBUTIONS = {"cellflow": "cellflow-tools", "cpa": "cpa-tools"}
-PINS = {"cellflow": CELLFLOW_PINS, "cpa": CPA_PINS}
-NO_DEPS = {"cellflow": [], "cpa": ["cpa-tools==0.8.1"]}
-# Each peer's grid: the first entry is its documented starting point; the others vary what the
-# peer's own documentation names as its regularisers (CellFlow: path noise, dropout) or its
-# other documented configuration (CPA: the Norman tutorial's).
-GRIDS = {
-    "cellflow": {
-        "defaults": {},
-        "noise0.5_drop0.1": {"noise": 0.5, "hidden_dropout": 0.1, "decoder_dropout": 0.1},
-        "noise1_drop0.1": {"noise": 1.0, "hidden_dropout": 0.1, "decoder_dropout": 0.1},
-    },
-    "cpa": {"kang_tutorial": {"preset": "kang_tutorial"}, "norman_tutorial": {"preset": "norman_tutorial"}},
-}
-# The sizes every run uses (CPU budget); grid entries and --settings JSON are laid over them.
-BUDGET = {
-    "cellflow": {"iterations": 12000, "batch_size": 256, "hidden_dims": [512, 512, 512],
-                 "decoder_dims": [1024, 1024, 1024], "time_encoder_dims": [512, 512, 512],
-                 "condition_embedding_dim": 64, "time_freqs": 128, "lr": 1e-4, "multi_steps": 1, "ode_steps": 10},
-    "cpa": {"max_epochs": 200},
-}
-ENV = {"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
 
-
-def runner_env(threads: int) -> dict[str, str]:
-    """The runners' environment: ``threads`` for OpenMP / BLAS / torch, and XLA on one thread
-    (its Eigen pool) when ``threads`` is 1."""
-    env = {**os.environ, **ENV}
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[key] = str(threads)
-    if threads == 1:
-        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    return env
-
-
-# ---------------------------------------------------------------------------------------------
-# Peer environments
-
-
-def peer_python(args: argparse.Namespace, peer: str) -> str:
-    """``--python-PEER`` when given, else ``--venv-dir``/PEER/bin/python."""
-    given = getattr(args, f"python_{peer}")
-    return str(given) if given else str(Path(args.venv_dir).expanduser() / peer / "bin" / "python")
-
-
-def check_peer(python: str, peer: str, env: dict[str, str]) -> tuple[bool, str]:
-    """Whether ``python`` imports ``peer``: ``(True, version)`` or ``(False, reason)``."""
-    if not Path(python).exists():
-        return False, f"no Python at {python}"
-    code = f"import importlib.metadata, {peer}; print(importlib.metadata.version({DISTRIBUTIONS[peer]!r}))"
-    try:
-        proc = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return False, f"{python} -c 'import {peer}' did not finish in 600 s"
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        return False, f"{python} cannot import {peer}: {lines[-1] if lines else f'exit {proc.returncode}'}"
-    return True, proc.stdout.strip().splitlines()[-1]
-
-
-def not_installed(peer: str, python: str, reason: str) -> dict:
-    return {"status": "not installed", "python": python, "reason": reason,
-            "setup": f"python benchmarks/peers.py --setup --peer {peer} --venv-dir DIR (then --venv-dir DIR), "
-                     f"or --python-{peer} PATH to a Python that imports {peer}"}
-
-
-def setup(venv_dir: Path, peers: list[str], env: dict[str, str], installer: str = "pip") -> dict[str, dict]:
-    """Create (or re-create) each peer's virtual environment under ``venv_dir``; return, per
-    peer, its Python and whether it imports (a failed install is reported, not raised).
-    ``installer``: ``pip`` (the environment's own) or ``uv`` (``uv pip install --python``, whose
-    resolver settles CPA's pins in seconds where pip backtracks for long)."""
-    out = {}
-    for peer in peers:
-        folder = venv_dir / peer
-        python = os.environ.get(f"PEERS_PYTHON{PYTHONS[peer].replace('.', '')}", f"python{PYTHONS[peer]}")
-        pip = ([installer, "pip", "install", "--python", str(folder / "bin" / "python")] if installer != "pip"
-               else [str(folder / "bin" / "pip"), "install", "-q"])
-        print(f"[peers] setup {peer}: {python} -m venv {folder}; {' '.join(pip)} {' '.join(PINS[peer])}"
-              + (f"; {' '.join(pip)} --no-deps {' '.join(NO_DEPS[peer])}" if NO_DEPS[peer] else ""),
-              file=sys.stderr, flush=True)
-        try:
-            subprocess.run([python, "-m", "venv", "--clear", str(folder)], check=True)
-            subprocess.run([*pip, *PINS[peer]], check=True)
-            if NO_DEPS[peer]:
-                subprocess.run([*pip, "--no-deps", *NO_DEPS[peer]], check=True)
-        except (OSError, subprocess.CalledProcessError) as err:
-            out[peer] = {"python": str(folder / "bin" / "python"), "installed": False, "reason": str(err)}
-            continue
-        ok, message = check_peer(str(folder / "bin" / "python"), peer, env)
-        out[peer] = {"python": str(folder / "bin" / "python"), "installed": ok,
-                     ("version" if ok else "reason"): message}
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Splits
-
-
-class Split:
-    """A split written to ``folder`` (layout in ``benchmarks/peer_runners/common.py``) with the
-    cells the scores read: ``train`` and ``held`` (the held-out real cells, controls included)."""
-
-    def __init__(self, folder: Path, train: ad.AnnData, held: ad.AnnData, spec: PerturbationSpec,
-                 min_cells: int, baselines: list[str]):
-        self.folder, self.train, self.held, self.spec = folder, train, held, spec
-        self.min_cells, self.baselines = min_cells, baselines
-
-
-def write_split(folder: Path, train: ad.AnnData, controls: ad.AnnData, held: ad.AnnData, conditions: pd.DataFrame,
-                spec: dict) -> Path:
-    """Write a split folder: log1p values in ``X``, counts in ``layers['counts']``;
-    ``held.h5ad`` keeps the held-out real cells (counts), which the runners never read."""
-    folder.mkdir(parents=True, exist_ok=True)
-    keep = [spec["perturbation_key"], *spec["covariate_keys"], *spec["pair_keys"]]
-    for name, cells in (("train", train), ("controls", controls)):
-        obs = cells.obs[keep].copy()
-        out = log_normalize(ad.AnnData(cells.X.copy(), obs=obs, var=pd.DataFrame(index=cells.var_names)))
-        out.write_h5ad(folder / f"{name}.h5ad")
-    held.write_h5ad(folder / "held.h5ad")
-    conditions.to_csv(folder / "conditions.csv", index=False)
-    (folder / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-    return folder
-
-
-def papalexi_split(raw: ad.AnnData, train_reps: list[str], held_rep: str, folder: Path, min_cells: int = 40) -> Split:
-    """Train on ``train_reps``, predict ``held_rep``'s perturbations with >= ``min_cells`` cells
-    from its controls (``benchmarks/cells.py``'s papalexi_rep3 with rep_1 + rep_2 / rep_3)."""
-    spec = PerturbationSpec("perturbation", control="control")
-    cells = raw[raw.obs["bio_rep"].isin([*train_reps, held_rep]).to_numpy()].copy()
-    masks = HeldOutReplicate(spec, key="bio_rep", values=[held_rep]).masks(cells)
-    train, held = cells[masks.train].copy(), cells[masks.test].copy()
-    labels = held.obs["perturbation"].astype(str)
-    keep = sorted(lab for lab, n in labels.value_counts().items() if n >= min_cells and lab != "control")
-    conditions = pd.DataFrame({"condition": keep, "perturbation": keep, "bio_rep": held_rep})
-    meta = {"perturbation_key": "perturbation", "control": "control", "covariate_keys": [], "pair_keys": ["bio_rep"]}
-    write_split(folder, train, held[(labels == "control").to_numpy()].copy(), held, conditions, meta)
-    return Split(folder, train, held, spec, min_cells, PAPALEXI_BASELINES)
-
-
-def kang_split(raw: ad.AnnData, cell_type: str, folder: Path) -> Split:
-    """Hold out ``cell_type``'s stimulated cells, predicted from its control cells."""
-    spec = PerturbationSpec("group_id", control="ctrl", covariate_keys=("cluster_id",))
-    masks = HeldOutCovariateGroup(spec, key="cluster_id", values=[cell_type]).masks(raw)
-    train, held = raw[masks.train].copy(), raw[masks.test].copy()
-    conditions = pd.DataFrame({"condition": ["stim"], "group_id": ["stim"], "cluster_id": [cell_type]})
-    meta = {"perturbation_key": "group_id", "control": "ctrl", "covariate_keys": ["cluster_id"], "pair_keys": []}
-    controls = held[(held.obs["group_id"].astype(str) == "ctrl").to_numpy()].copy()
-    write_split(folder, train, controls, held, conditions, meta)
-    return Split(folder, train, held, spec, 1, KANG_BASELINES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,9 +124,7 @@ def score(split: Split, pred: ad.AnnData | None, seed: int) -> dict:
     method -> metric -> mean over conditions (rounded as ``benchmarks/cells.py`` does)."""
     res = evaluate(split.held, pred, split.spec, train=split.train, min_cells=split.min_cells,
                    baselines=split.baselines, seed=seed, figures=False, cell_eval=False)
-    methods = (["model"] if pred is not None else []) + list(split.baselines)
-    out = {m: {k: (None if res.summary[m][k] is None else round(float(res.summary[m][k]), 4))
-               for k in METRICS if k in res.summary[m]} for m in methods}
+    out = method_summary(res, (["model"] if pred is not None else []) + list(split.baselines))
     out["n_conditions"] = res.summary["n_conditions"]
     return out
 
@@ -319,20 +157,6 @@ def mean_sd(runs: list[dict]) -> dict:
     vals = {k: np.array([r[k] for r in runs], dtype=float) for k in keys}
     return {"mean": {k: round(float(v.mean()), 4) for k, v in vals.items()},
             "sd": {k: (round(float(v.std(ddof=1)), 4) if len(v) > 1 else None) for k, v in vals.items()}}
-
-
-def choose(scores: dict[str, dict]) -> tuple[str, dict]:
-    """The grid entry with the best mean rank over :data:`RANKED` (a missing value ranks last;
-    ties: first listed)."""
-    names = list(scores)
-    ranks = {n: 0.0 for n in names}
-    for metric, sign in RANKED.items():
-        values = {n: (np.inf if scores[n].get(metric) is None else sign * scores[n][metric]) for n in names}
-        order = pd.Series(values).rank(method="average")
-        for n in names:
-            ranks[n] += order[n] / len(RANKED)
-    best = min(names, key=lambda n: ranks[n])
-    return best, {n: round(float(r), 3) for n, r in ranks.items()}
 
 
 def run_seeds(python: str, peer: str, split: Split, seeds: list[int], settings: dict, tag: str,
@@ -372,28 +196,6 @@ def baselines_only(split: Split, seeds: list[int]) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Settings
-
-
-def base_settings(peer: str, args: argparse.Namespace) -> tuple[dict, str]:
-    """The settings before tuning: budget, then ``--settings-from``'s (else the grid's first
-    entry), then ``--settings PEER=JSON``; with how they were chosen."""
-    settings = dict(BUDGET[peer])
-    how = f"grid entry {next(iter(GRIDS[peer]))!r} (documented defaults)"
-    if args.settings_from is not None:
-        earlier = json.loads(Path(args.settings_from).read_text())
-        found = [v["peers"][peer]["settings"] for v in earlier.values()
-                 if isinstance(v, dict) and v.get("peers", {}).get(peer, {}).get("settings")]
-        if found:
-            settings.update(found[0])
-            how = f"settings of {args.settings_from}"
-        else:
-            settings.update(next(iter(GRIDS[peer].values())))
-    else:
-        settings.update(next(iter(GRIDS[peer].values())))
-    if peer in args.settings:
-        settings.update(args.settings[peer])
-        how += f" + --settings {json.dumps(args.settings[peer])}"
-    return settings, how
 
 
 def tune(python: str, peer: str, valid: Split, args: argparse.Namespace, env: dict[str, str]) -> dict:
