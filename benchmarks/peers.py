@@ -34,13 +34,13 @@ Protocols:
 
 * ``papalexi_rep3``: train on bio_rep rep_1 + rep_2, predict the perturbations with >= 40 rep_3
   cells from rep_3's control cells (``bio_rep`` is the pairing covariate). ``--tune`` first
-  chooses each peer's settings among a small grid (:data:`GRIDS`) on the validation split
+  chooses each peer's settings among a small grid (:data:`peer_settings.GRIDS`) on the validation split
   (train rep_1, predict rep_2 from rep_2's controls), by the mean rank over pearson_delta_de20,
   pearson_delta_all, mse_de20 and E-distance; rep_3 is never looked at for that choice.
 * ``kang``: for each cell type in turn its stimulated cells are held out and predicted from
   that type's control cells (cell type is the covariate).
 
-Each peer runs with :data:`BUDGET` (its sizes), then the first entry of its grid (its
+Each peer runs with :data:`peer_settings.BUDGET` (its sizes), then the first entry of its grid (its
 documented starting point) or the tuned entry or ``--settings-from``'s, then any
 ``--settings PEER=JSON`` laid over. Prints (and writes with ``--out``) one JSON object: config,
 machine, and per protocol each peer's metrics (mean and sd over seeds, and per seed), the

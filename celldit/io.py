@@ -14,7 +14,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,21 @@ def read_extra_json(path: str | Path, name: str) -> Any:
     return read_json(file)
 
 
+@contextmanager
+def _written_in_place_of(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write; renamed into place when the block ends without
+    an error, removed otherwise (an interrupted write leaves no file that loads as complete)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    tmp = _temporary_sibling(path, folder=False)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_h5ad_atomic(adata: Any, path: str | Path, overwrite: bool = False) -> Path:
     """Write an AnnData to ``path`` through a temporary sibling file renamed into place (an
     interrupted write leaves no file that loads as complete); an existing ``path`` is an
@@ -166,15 +182,8 @@ def write_h5ad_atomic(adata: Any, path: str | Path, overwrite: bool = False) -> 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists: choose another file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    tmp = _temporary_sibling(path, folder=False)
-    try:
+    with _written_in_place_of(path) as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -183,15 +192,8 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
     renamed into place, replacing an existing file: a report rewritten after every stage of a
     long run is never left half-written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    tmp = _temporary_sibling(path, folder=False)
-    try:
+    with _written_in_place_of(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
