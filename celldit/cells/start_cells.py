@@ -17,7 +17,7 @@ then moved together so that their mean is exactly the batch's, as the real contr
 counterfactual are: a control variate that removes the sampling noise of the sources' mean
 (which, with the same seed for every label, would move every label's mean alike). On Papalexi
 rep_3 it lifted the pd_de20 of ``generate`` from 0.31 to 0.43 and lowered its E-distance by
-0.006-0.021 (two seeds; ``docs/cells.md``). With ``n = 1`` the one drawn cell is kept as it is. A noise source's
+0.006-0.021 (two seeds; ``docs/measured/papalexi_rep3.md``). With ``n = 1`` the one drawn cell is kept as it is. A noise source's
 prior draws are centred the same way on the prior's mean, block by block (``generate`` draws
 ``batch_size`` cells at a time), so memory stays bounded.
 """
