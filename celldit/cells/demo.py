@@ -132,6 +132,7 @@ def run_demo(out_dir: str | Path, max_steps: int | None = None, quick: bool = Fa
     from ..options import to_dict
     from ..train.trainer import set_threads
     from .config import CellDiTConfig, CellFitConfig
+    from .effects import evidence_summary
     from .model import CellDiT
 
     log = sys.stderr if log is None else log
@@ -181,6 +182,8 @@ def run_demo(out_dir: str | Path, max_steps: int | None = None, quick: bool = Fa
     with _stage("save", "save the model", timings, log):
         record = holdout_record(adata.obs, {**to_dict(config), "data": provenance["path"]}, rules, ~masks.train)
         files["model"] = model.save(out / "model", extra_files={"holdout": record})
+        print(f"  evidence of an effect per perturbation: {evidence_summary(model.effects())} "
+              f"(model/effects.csv)", file=log)
 
     with _stage("sample", "sample counterfactual cells", timings, log):
         labels = test.obs[key].astype(str)

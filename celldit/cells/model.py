@@ -37,6 +37,7 @@ from .anchors import ConditionTable
 from .checkpoint import read_model_folder, write_model_folder
 from .config import CellDiTConfig, CellFitConfig
 from .dataset import CellDataModule, PairedBatches
+from .effects import condition_effects
 from .module import CellFlowNet, PerturbationEncoder
 from .plan import CellTrainingPlan
 from .priors import align_features
@@ -240,14 +241,27 @@ class CellDiT:
         :meth:`CellSampler.generate <celldit.cells.sampler.CellSampler.generate>`)."""
         return self.sampler.generate(condition, n, **kwargs)
 
+    def effects(self, top: int = 3) -> pd.DataFrame:
+        """Each trained condition's evidence of an effect and the anchor its predictions start
+        from: which perturbations the model treats as having no detectable effect (see
+        :func:`~celldit.cells.effects.condition_effects`).
+
+        >>> model.effects().head()                                     # doctest: +SKIP
+                  gate       evidence  anchor_norm  largest  largest_change           up            down
+        STAT1      1.0          clear        3.912     IRF1          -1.981          ...  IRF1, STAT1, ...
+        """
+        return condition_effects(self, top)
+
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | Path, overwrite: bool = False, extra_files: Mapping[str, Any] | None = None,
              extra_text: Mapping[str, str] | None = None) -> Path:
         """Export to a folder (atomic; never overwrites unless asked): ``model.safetensors``
         (network, anchors, control bank), ``config.json``, JSON tables and the loss curve
-        (see :mod:`celldit.cells.checkpoint`). ``extra_files`` (``{name: JSON value}`` ->
-        ``name.json``) and ``extra_text`` (``{file name: text}``) join the same atomic write."""
-        return write_model_folder(self, path, overwrite=overwrite, extra_files=extra_files, extra_text=extra_text)
+        (see :mod:`celldit.cells.checkpoint`), and ``effects.csv`` (:meth:`effects`, for
+        reading). ``extra_files`` (``{name: JSON value}`` -> ``name.json``) and ``extra_text``
+        (``{file name: text}``) join the same atomic write."""
+        text = {"effects.csv": self.effects().to_csv(), **(extra_text or {})}
+        return write_model_folder(self, path, overwrite=overwrite, extra_files=extra_files, extra_text=text)
 
     @classmethod
     def load(cls, path: str | Path) -> CellDiT:

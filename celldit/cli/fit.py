@@ -95,6 +95,7 @@ def configs_of(cfg) -> tuple[Any, Any]:
 
 def run(cfg, parser) -> int:
     """Train and save; returns the exit code (0)."""
+    from ..cells.effects import evidence_summary
     from ..cells.model import CellDiT
     from ..data.splits import holdout_mask, holdout_record, parse_holdout
     from ..options import to_dict
@@ -126,5 +127,6 @@ def run(cfg, parser) -> int:
     print(f"trained on {train.n_obs} cells x {len(model.genes)} genes ({int(held.sum())} held out), "
           f"{n_cond} perturbed conditions + control, {model.history['steps']} steps, "
           f"final loss {model.history['final_loss']:.4f}, {wall:.1f} s")
+    print(f"evidence of an effect per condition: {evidence_summary(model.effects())} ({out / 'effects.csv'})")
     print(f"model: {out}  (logs and checkpoints: {run_dir})")
     return 0

@@ -11,11 +11,13 @@ import json
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import CONFIGS, make_adata
 
 from celldit.cells import CellDiT
+from celldit.cells.effects import evidence_summary
 from celldit.cli import main
 from celldit.cli.fit import build_parser
 from celldit.data.expression import log_normalize
@@ -80,6 +82,9 @@ def test_fit_backed_prints_a_summary(files, capsys, tmp_path):
     # r2 (160 cells) and r1's KO1 cells (40) are held out
     assert f"trained on {8 * CELLS - 5 * CELLS} cells x {N_GENES} genes ({5 * CELLS} held out)" in out
     assert "2 perturbed conditions + control, 5 steps, final loss" in out
+    effects = pd.read_csv(tmp_path / "m" / "effects.csv", index_col=0)  # the evidence line and its table
+    assert sorted(effects.index) == ["KO2", "KO3"]
+    assert f"evidence of an effect per condition: {evidence_summary(effects)} ({tmp_path / 'm' / 'effects.csv'})" in out
     record = json.loads((tmp_path / "m" / "holdout.json").read_text())
     assert record["holdout"] == [{"rep": "r2"}, {"perturbation": "KO1"}] and record["split"] is None
     assert CellDiT.load(tmp_path / "m").vocab.seen == ["KO2", "KO3"]
