@@ -249,8 +249,7 @@ def papalexi_unseen(data: Path, args) -> dict:
         print(f"papalexi_unseen fold {k} {fold}: {json.dumps(out[f'fold{k}']['metrics'])}", file=sys.stderr, flush=True)
     table = pd.concat(tables, ignore_index=True)
     summary = summarize(table)
-    out["metrics"] = {m: {k: None if summary[m][k] is None else round(float(summary[m][k]), 4) for k in scoring.METRICS}
-                      for m in ("model", "train_mean", "linear", "no_change")}
+    out["metrics"] = scoring.rounded_summary(summary, ("model", "train_mean", "linear", "no_change"))
     out["per_condition"] = {k: table.pivot_table(index="perturbation", columns="method", values=k).round(4).to_dict()
                             for k in ("pearson_delta_de20", "edistance")}
     return out

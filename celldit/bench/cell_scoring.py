@@ -16,7 +16,7 @@ held-out split, and returns plain numbers for the benchmark's JSON:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -31,12 +31,18 @@ from ..eval.report import evaluate
 METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "r2_mean", "edistance")
 
 
-def method_summary(res, methods: Sequence[str]) -> dict:
-    """``{method: {metric: value}}`` of an :func:`evaluate` result, rounded to 4 places."""
+def rounded_summary(summary: Mapping, methods: Sequence[str]) -> dict:
+    """``{method: {metric: value}}`` of a summary (``evaluate(...).summary`` or
+    :func:`~celldit.eval.report.summarize`'s), rounded to 4 places."""
     def num(v):
         return None if v is None else round(float(v), 4)
 
-    return {m: {k: num(res.summary[m][k]) for k in METRICS if k in res.summary[m]} for m in methods}
+    return {m: {k: num(summary[m][k]) for k in METRICS if k in summary[m]} for m in methods}
+
+
+def method_summary(res, methods: Sequence[str]) -> dict:
+    """:func:`rounded_summary` of an :func:`evaluate` result."""
+    return rounded_summary(res.summary, methods)
 
 
 def _score(real: ad.AnnData, pred: ad.AnnData, spec: PerturbationSpec, train: ad.AnnData, seed: int,
@@ -180,11 +186,12 @@ def generated_references(model, test: ad.AnnData, controls: ad.AnnData, train: a
     if not made.var_names.equals(fitted.var_names):
         raise ValueError("the model's genes differ from the scored genes")
     x = np.asarray(made.X, dtype=np.float32)
+    shifts = {"mean_shift": {lab: fitted.shift(lab, (), x.mean(0)).astype(np.float32) for lab in keep},
+              "no_change": dict.fromkeys(keep, np.float32(0.0))}
     out, per_condition = {}, {}
-    for name in ("mean_shift", "no_change"):
-        parts = [ad.AnnData(x + (fitted.shift(lab, (), x.mean(0))[None].astype(np.float32) if name == "mean_shift"
-                                 else 0), var=made.var, obs={spec.perturbation_key: [lab] * len(x)}) for lab in keep]
-        ref = ad.concat(parts)
+    for name, shift in shifts.items():
+        ref = ad.concat([ad.AnnData(x + shift[lab], var=made.var, obs={spec.perturbation_key: [lab] * len(x)})
+                         for lab in keep])
         ref.obs_names_make_unique()
         res = _score(test, ref, spec, train, seed)
         out[name] = method_summary(res, ["model"])["model"]
