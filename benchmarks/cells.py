@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from celldit.bench import cell_scoring as scoring
 from celldit.bench import emit_report
+from celldit.bench.shift_axis import split_along_shift
 from celldit.cells import CellDiT
 from celldit.cells.outputs import SUPPORTS
 from celldit.data.spec import PerturbationSpec
@@ -64,6 +65,7 @@ def _train(train: ad.AnnData, args, **registration) -> tuple[CellDiT, dict]:
     model = CellDiT(train, **registration, tokenizer=args.tokenizer, source=args.source, anchor=not args.no_anchor,
                     anchor_shrinkage=shrinkage, batch_anchors=not args.no_batch_anchors,
                     gate_velocity=not args.no_gate_velocity, on_target=not args.no_on_target,
+                    escapers=not args.no_escapers,
                     hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
                     cfg_dropout=args.cfg_dropout, covariate_dropout=args.covariate_dropout,
                     group_bandwidth=args.group_bandwidth, seed=args.seed)
@@ -118,6 +120,8 @@ def papalexi_rep3(data: Path, args) -> dict:
            "model_by_support": scoring.score_by_support(test, pred, spec, train, args.seed,
                                                         scoring.first_levels(model, controls, pred)),
            "edistance_per_condition": per_condition.round(4).to_dict(),
+           # the spread along each knockout's shift (escapers and edited cells), beside mean shift's
+           "split_along_shift": split_along_shift(test, pred, spec, train, keep, seed=args.seed),
            "control_mean_pooled": scoring.pooled_reference(model, test, controls, train, spec, keep, per_condition,
                                                            seed=args.seed, steps=args.sample_steps,
                                                            cfg_scale=args.cfg_scale, support=args.support)}
@@ -138,6 +142,7 @@ def papalexi_rep3(data: Path, args) -> dict:
                                             steps=args.sample_steps, support=support)
         out["generate_metrics"] = scoring.method_summary(res_g, ["model"])["model"]
         out["generate_by_support"] = scoring.score_by_support(test, gen, spec, train, args.seed)
+        out["generate_split_along_shift"] = split_along_shift(test, gen, spec, train, keep, seed=args.seed)
         out["generated_controls_mean_shift"] = refs["mean_shift"]
         out["generated_controls_no_change"] = refs["no_change"]
         # the weak-perturbation rule against rep_3's real controls, and on the same footing
@@ -279,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-on-target", action="store_true",
                         help="no on-target prior (a knockout's own target shrunk like any gene; an unseen "
                              "knockout's target borrowed like the rest)")
+    parser.add_argument("--no-escapers", action="store_true",
+                        help="no shares of escapers (every source cell gets its condition's whole anchor)")
     parser.add_argument("--no-pair-keys", action="store_true",
                         help="papalexi_rep3: the minimal command (no pair_keys: the data centred as one batch)")
     parser.add_argument("--folds", type=int, default=3, help="papalexi_unseen: folds of held-out perturbations")

@@ -66,6 +66,8 @@ class ConditionTable:
         ``{group: (G,)}`` the mean control cell of each covariate group.
     gates
         The conditions' shrinkage gate factors (see :mod:`celldit.cells.shrinkage`; None: all 1).
+    escapers
+        The conditions' shares of escapers (see :mod:`celldit.cells.escapers`; None: all 0).
 
     A covariate group that never saw a condition gets a *group-weighted* anchor: the
     condition's group shifts averaged with kernel weights ``exp(-|c - c_g|^2 / h)``, where
@@ -85,6 +87,7 @@ class ConditionTable:
     group_controls: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     gates: np.ndarray | None = field(default=None, repr=False)  # (n_conditions,) shrinkage gates
     bandwidth_rule: str = "median"  # or "leave_one_group_out" (see the class notes)
+    escapers: np.ndarray | None = field(default=None, repr=False)  # (n_conditions,) shares of escapers
 
     def __post_init__(self) -> None:
         self._row = {k: i for i, k in enumerate(self.keys)}
@@ -187,6 +190,7 @@ class ConditionTable:
         shift_keys = sorted(self.group_shifts)
         groups = sorted(self.group_controls)
         return {"gates": (np.ones(len(self.keys)) if self.gates is None else self.gates).astype(np.float32),
+                "escapers": (np.zeros(len(self.keys)) if self.escapers is None else self.escapers).astype(np.float32),
                 "shift_keys": np.array(shift_keys, dtype=np.int64).reshape(-1, 2),
                 "shifts": np.stack([self.group_shifts[k] for k in shift_keys]) if shift_keys
                 else np.zeros((0, n_genes), np.float32),
@@ -203,8 +207,14 @@ class ConditionTable:
         shifts = {(int(r), int(g)): v for (r, g), v in zip(groups["shift_keys"], groups["shifts"])}
         controls = {int(g): v for g, v in zip(groups["control_groups"], groups["controls"])}
         gates = groups.get("gates")  # absent in folders saved before shrinkage: all open
+        escapers = groups.get("escapers")  # absent in folders saved before escapers: none
         return cls(keys, anchors, shifts, controls, None if gates is None else np.asarray(gates, np.float64),
-                   bandwidth_rule)
+                   bandwidth_rule, None if escapers is None else np.asarray(escapers, np.float64))
+
+    def escaper_share(self, key: ConditionKey) -> float:
+        """Share of escapers of a trained condition (0 for an untrained one or without escapers)."""
+        row = self._row.get(key)
+        return 0.0 if row is None or self.escapers is None else float(self.escapers[row])
 
     def gate(self, key: ConditionKey) -> float:
         """Shrinkage gate of a trained condition (1 for an untrained one or without gates)."""

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from .borrowing import PriorBorrowing
+from .escapers import escaper_multipliers
 from .on_target import OnTargetRule
 from .vocab import parse_condition
 
@@ -43,8 +44,8 @@ class ConditionRules:
         self.conditions, self.genes = model.conditions, model.genes
 
     def condition(self, label: str, dose: Any, x: torch.Tensor, cov: pd.DataFrame,
-                  batches: tuple[np.ndarray, dict[Any, np.ndarray]] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  batches: tuple[np.ndarray, dict[Any, np.ndarray]] | None = None,
+                  rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Label (+ dose) for sources ``x`` (n, G) with covariates ``cov`` ->
         (pert_idx (1, K), pert_scale (1, K), anchors (n, G)).
 
@@ -52,7 +53,9 @@ class ConditionRules:
         anchor of its group (see :class:`~celldit.cells.anchors.ConditionTable`), its
         group's mean being the mean of those sources. With batch anchors (``batch_anchors``),
         ``batches`` = (batch label of each source (n,), ``{label: its uncentred mean control
-        cell}``): each input batch gets the training batches' shifts weighted by likeness."""
+        cell}``): each input batch gets the training batches' shifts weighted by likeness.
+        With ``rng`` and a share of escapers for the condition, that share of the sources gets
+        no anchor and the rest a larger one (:func:`~celldit.cells.escapers.escaper_multipliers`)."""
         key = parse_condition(str(label), dose, self.spec)
         pert_idx, pert_scale = self.vocab.encode_conditions([key[0]], [key[1]])
         n = x.shape[0]
@@ -73,6 +76,9 @@ class ConditionRules:
         if untrained and self.on_target_rule is not None:
             self.on_target_rule.set_targets(anchors, untrained, self.genes, x.detach().cpu().numpy(),
                                             batches if self.config.centred else None)
+        share = self.conditions.escaper_share(key) if rng is not None and self.config.escapers else 0.0
+        if share > 0:
+            anchors *= escaper_multipliers(share, n, rng)[:, None]
         return pert_idx, pert_scale, anchors
 
     @property

@@ -128,6 +128,12 @@ class CellDiTConfig:
         (the kernel of :class:`~celldit.cells.anchors.ConditionTable`). Replicates of a screen
         differ in state, and so do their perturbations' effects; a new replicate borrows most
         from the replicates it resembles. False: one anchor per condition for every batch.
+    escapers
+        With ``anchor``: model the cells a knockout missed. Where a condition's training cells
+        are spread along its shift more than the controls beyond chance (and, with gated
+        shrinkage, its effect is clear), a share ``p`` of source cells keeps the control state
+        (anchor 0) and the rest get the anchor over ``1 - p``: a split population with the same
+        mean (see :mod:`celldit.cells.escapers`; ``CellDiT.effects()`` lists each ``p``).
     shrinkage_gate, shrinkage_floor
         The chi-square per gene (``mean d^2 / se^2``) at which the gate opens fully, and the
         least factor a closed gate keeps.
@@ -215,6 +221,7 @@ class CellDiTConfig:
     shrinkage_floor: float = option(0.1, ge=0, le=1)
     gate_velocity: bool = True
     batch_anchors: bool = True
+    escapers: bool = True
     ot: bool = True
     ot_dims: int | None = option(32, ge=1)
     center: bool = True

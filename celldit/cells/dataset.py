@@ -110,6 +110,9 @@ class PairedBatches(IterableDataset):
     group_anchors
         Optional ``{(cond, group): (G,)}``: a block of that condition in that pairing group
         starts from this anchor (its own batch's shift) instead of ``anchors[cond]``.
+    escapers
+        Optional (n_conditions,) shares of escapers: each target's source gets its anchor times
+        0 with that probability, else times ``1 / (1 - share)`` (see :mod:`celldit.cells.escapers`).
     buffer_cells
         Data on disk (backed): draw each run of ``buffer_steps`` batches from a buffer of
         this many cells, read as contiguous chunks of ``chunk_rows`` rows (chunk-shuffled
@@ -133,7 +136,8 @@ class PairedBatches(IterableDataset):
                  held_out_anchor=None, fixed: bool = False, buffer_cells: int | None = None,
                  chunk_rows: int = 2048, prior_means: np.ndarray | None = None,
                  noise_prior: tuple[np.ndarray, np.ndarray] | None = None,
-                 group_anchors: dict[tuple[int, int], np.ndarray] | None = None):
+                 group_anchors: dict[tuple[int, int], np.ndarray] | None = None,
+                 escapers: np.ndarray | None = None):
         super().__init__()
         self.expr, self.cov_idx = expr, cov_idx
         self.cond_id, self.group_id, self.control_cond = np.asarray(cond_id), np.asarray(group_id), control_cond
@@ -148,6 +152,8 @@ class PairedBatches(IterableDataset):
         self.unknown_cov = unknown_cov
         self.cov_group, self.held_out_anchor_fn, self.group_anchors = cov_group, held_out_anchor, group_anchors or {}
         self.prior_means, self.noise_prior = prior_means, noise_prior
+        # no draws without escapers: the batches are then those of a model without them
+        self.escapers = None if escapers is None or not np.any(np.asarray(escapers) > 0) else np.asarray(escapers)
         self._set_strata(self.cells, warn=True)
         backed = getattr(expr, "backed", False)
         self.buffer_cells = buffer_cells if buffer_cells and backed and buffer_cells < len(self.cells) else None
@@ -235,9 +241,10 @@ class PairedBatches(IterableDataset):
         """One batch: ``x1`` targets, ``source`` (control cells, plus anchor), conditioning."""
         return self.load(self.draw(rng))
 
-    def draw(self, rng: np.random.Generator) -> tuple[list, list, list, list, list]:
+    def draw(self, rng: np.random.Generator) -> tuple[list, list, list, list, list, list]:
         """The random part of a batch: per block, target and source cell indices, condition
-        whether its covariates are hidden (its stratum, else -1), and its stratum."""
+        whether its covariates are hidden (its stratum, else -1), its stratum, and its sources'
+        anchor multipliers (None without escapers)."""
         tgt, src, conds, hidden, blocks = [], [], [], [], []
         n = 0
         picks = iter(())
@@ -256,28 +263,35 @@ class PairedBatches(IterableDataset):
             hidden.append(stratum if self.covariate_dropout and rng.random() < self.covariate_dropout else -1)
             blocks.append(stratum)
             n += b
+        scales = [None] * len(tgt)
+        if self.escapers is not None:  # escapers keep the control state, the others move 1 / (1 - p)
+            p = [float(self.escapers[c[0]]) if self.anchors is not None else 0.0 for c in conds]
+            scales = [np.where(rng.random(len(c)) < q, 0.0, 1.0 / (1.0 - q)).astype(np.float32) if q > 0 else None
+                      for c, q in zip(conds, p)]
         if self.noise_prior is not None:  # the noise source's draws, from the batch's own stream
             k = self.noise_prior[0].shape[1]
             src = [(rng.standard_normal((n, k), dtype=np.float32), rng.standard_normal((n, self.expr.n_vars),
                                                                                          dtype=np.float32))]
-        return tgt, src, conds, hidden, blocks
+        return tgt, src, conds, hidden, blocks, scales
 
-    def load(self, drawn: tuple[list, list, list, list, list]) -> dict[str, torch.Tensor]:
+    def load(self, drawn: tuple[list, list, list, list, list, list]) -> dict[str, torch.Tensor]:
         """Read the drawn cells and build the batch (anchored sources, OT re-pairing)."""
-        tgt, src, conds, hidden, blocks = drawn
+        tgt, src, conds, hidden, blocks, scales = drawn
         t_idx, cond = np.concatenate(tgt), np.concatenate(conds)
         x1 = self.expr.rows(t_idx)
         x0 = None if self.noise_prior is not None else self.expr.rows(np.concatenate(src))
         cov_idx = self.cov_idx[t_idx]  # fancy indexing: a copy, changed below
         # each block's anchor: the condition's, its own batch's, or the one of a hidden covariate group
         block_anchors, start = [], 0
-        for block, stratum, own in zip(tgt, hidden, blocks):
+        for block, stratum, own, scale in zip(tgt, hidden, blocks, scales):
             sl = slice(start, start + len(block))
             start += len(block)
             a = None if self.anchors is None else self.own_anchor.get(own, self.anchors[cond[sl.start]])
             if stratum >= 0:
                 cov_idx[sl] = self.unknown_cov
                 a = self.hidden_anchor.get(stratum, a)  # a group never trained with the condition
+            if a is not None and scale is not None:
+                a = scale[:, None] * a[None]  # (b, G): escapers at 0
             block_anchors.append((sl, a))
         if self.noise_prior is not None:
             anchor = np.zeros_like(x1)

@@ -45,8 +45,9 @@ def condition_effects(model: Any, top: int = 3) -> pd.DataFrame:
         sampling noise), ``evidence`` (``"clear"``, ``"weak"``, ``"none detected"``, or ``"not
         gated"`` without a gate), ``anchor_norm`` (the anchor's Euclidean length in the model's
         expression space), ``largest`` (the gene the anchor moves most) and its change
-        ``largest_change``, and ``up`` / ``down`` (the ``top`` genes the anchor raises / lowers
-        most, comma-joined).
+        ``largest_change``, ``up`` / ``down`` (the ``top`` genes the anchor raises / lowers
+        most, comma-joined), and ``escapers`` (the share of its cells that keep the control state,
+        see :mod:`celldit.cells.escapers`; 0 where its cells are not split).
     """
     if top < 1:
         raise ValueError(f"top={top}: must be >= 1")
@@ -65,7 +66,8 @@ def condition_effects(model: Any, top: int = 3) -> pd.DataFrame:
                "anchor_norm": round(float(np.linalg.norm(anchor)), 4),
                "largest": str(genes[largest]), "largest_change": round(float(anchor[largest]), 4),
                "up": ", ".join(genes[order[::-1][:top]][anchor[order[::-1][:top]] > 0]),
-               "down": ", ".join(genes[order[:top]][anchor[order[:top]] < 0])}
+               "down": ", ".join(genes[order[:top]][anchor[order[:top]] < 0]),
+               "escapers": round(table.escaper_share((names, doses)) if config.escapers else 0.0, 4)}
         if spec.dose_key is not None:
             row = {"dose": spec.delimiter.join(f"{d:g}" for d in doses), **row}
         rows.append(row)
@@ -76,7 +78,10 @@ def condition_effects(model: Any, top: int = 3) -> pd.DataFrame:
 
 def evidence_summary(table: pd.DataFrame) -> str:
     """One line for logs: how many conditions of a :func:`condition_effects` table have each
-    level of evidence, e.g. ``"11 clear, 2 weak, 12 none detected"``."""
+    level of evidence, and how many are split by escapers, e.g. ``"11 clear, 2 weak, 12 none
+    detected; 4 with escapers"``."""
     counts = table["evidence"].value_counts()
     order = [e for e in ("clear", "weak", "none detected", "not gated") if e in counts.index]
-    return ", ".join(f"{int(counts[e])} {e}" for e in order)
+    line = ", ".join(f"{int(counts[e])} {e}" for e in order)
+    split = int((table["escapers"] > 0).sum()) if "escapers" in table else 0
+    return f"{line}; {split} with escapers" if split else line

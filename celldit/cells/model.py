@@ -225,7 +225,8 @@ class CellDiT:
                 group_anchors=self.conditions.group_shifts if c.batch_anchored else None,
                 buffer_cells=None if fixed else fit_config.buffer_cells,
                 prior_means=self.prior_means() if c.source == "noise" else None,
-                noise_prior=self.noise_prior_arrays() if c.source == "noise" else None)
+                noise_prior=self.noise_prior_arrays() if c.source == "noise" else None,
+                escapers=self.conditions.escapers if c.anchor and c.escapers else None)
 
         validation = None if val_cells is None else batches(val_cells, 4, seed + 1, fixed=True)
         return batches(train_cells, fit_config.max_steps, seed), validation

@@ -1,9 +1,9 @@
 """Registration of an AnnData with a CellDiT: what the model learns from the data before training.
 
 :func:`register` reads the training cells once and returns a :class:`Registration`: the
-gene set, the expression rows (centred on their batch's controls), the conditions and their
-anchors, the perturbation vocabulary and prior features, the tokenizer's settings (gene
-modules or a codec sample), a bank of control cells for ``generate`` and the basis of the
+gene set, the expression rows (centred on their batch's controls), the conditions, their
+anchors and shares of escapers, the perturbation vocabulary and prior features, the
+tokenizer's settings (gene modules or a codec sample), a bank of control cells for ``generate`` and the basis of the
 OT cost. Everything here is saved with the model except the rows themselves.
 """
 
@@ -30,6 +30,7 @@ from ..tokenizers.gene_module_builders import read_gmt
 from .anchors import ConditionTable, build_condition_table, cell_conditions
 from .config import CellDiTConfig
 from .dataset import CenteredRows
+from .escapers import escaper_fractions
 from .priors import expression_gene_features, read_feature_table
 from .vocab import PerturbationVocab
 
@@ -132,6 +133,10 @@ def register(adata: AnnData, config: CellDiTConfig) -> Registration:
         table = ConditionTable(table.keys, table.anchors, table.group_shifts,
                                {g: rows.centers[batch_of[g]] for g in table.group_controls}, table.gates,
                                config.group_bandwidth)
+    if use_anchor and config.escapers:
+        gated = config.anchor_shrinkage in ("hybrid", "gate") and table.gates is not None
+        eligible = table.gates >= 1.0 - 1e-6 if gated else np.ones(len(table.keys), dtype=bool)
+        table.escapers = escaper_fractions(rows, cond_id, pair_group, table.anchors, eligible, seed=config.seed)
     cov_key = cov_frame.agg("\x1f".join, axis=1) if cov_frame.shape[1] else pd.Series("", index=cov_frame.index)
     trained_groups = sorted({f"{c}\x1e{g}" for c, g in zip(cond_id, cov_key)})
     ctrl_rows = np.flatnonzero(cond_id == 0)

@@ -15,6 +15,7 @@ Input cells are brought to the model's space on the model's normalisation basis 
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -245,7 +246,7 @@ class CellSampler:
             source = x if self.config.source == "control" else self._invert(x, cov_idx, steps, method, batch_size)
             names = controls.obs_names.astype(str).to_numpy()
             for label in labels:
-                pert = self.rules.condition(label, dose, x, cov, batches)
+                pert = self.rules.condition(label, dose, x, cov, batches, rng=_escaper_rng(seed, label))
                 codes = self.rules.covariate_codes(label, dose, cov, cov_idx)
                 for start in range(0, len(names), batch_size):
                     sl = slice(start, start + batch_size)
@@ -360,6 +361,7 @@ class CellSampler:
                              "values) have none; use support='balance' (generate's default)")
         writer = self._writer(self.model.var.copy(), counts, raw_layer, out, overwrite, seed, support,
                               control_mean if controls is not None else "observed")
+        escaper_rng = _escaper_rng(seed, label)
         try:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
@@ -367,8 +369,9 @@ class CellSampler:
                 cov_idx = self.rules.covariate_codes(label, dose, cov, self.vocab.encode_covariates(cov, n=m))
                 x0, pick = start_cells.draw(m, need_library=counts)
                 one = (np.zeros(m, dtype=object), {0: np.asarray(offset, dtype=np.float32)})  # one batch: its mean
-                x = self._transport(x0, self.rules.condition(label, dose, x0, cov, one), cov_idx, steps, method,
-                                    cfg_scale, batch_size, gate=self.rules.velocity_gate(label, dose))
+                pert = self.rules.condition(label, dose, x0, cov, one, rng=escaper_rng)
+                x = self._transport(x0, pert, cov_idx, steps, method, cfg_scale, batch_size,
+                                    gate=self.rules.velocity_gate(label, dose))
                 if self.config.centred:  # the model's cells are relative to their batch's controls
                     x = x + offset
                 x = x + pooled
@@ -380,6 +383,12 @@ class CellSampler:
             writer.abort()
             raise
         return writer.finish()
+
+
+def _escaper_rng(seed: int, label: Any) -> np.random.Generator:
+    """The stream that picks a condition's escapers: by seed and label, so that a label's cells
+    are the same whichever other labels are carried with it."""
+    return np.random.default_rng([seed, zlib.crc32(str(label).encode())])
 
 
 def _scaled(v, factor: float):

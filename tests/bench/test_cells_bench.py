@@ -66,12 +66,15 @@ def test_borrowing_scale_on_target_rule_lowers_a_held_out_knockouts_own_gene():
 
 @pytest.mark.parametrize("flag, decay", [(None, 0.999), ("none", None), ("0.5", 0.5)])
 def test_ema_decay_flag_reaches_the_fit(cells, flag, decay):
-    """``--ema-decay``: absent keeps CellDiT.fit's default, 'none' samples the last weights."""
+    """``--ema-decay``: absent keeps CellDiT.fit's default, 'none' samples the last weights (and
+    ``--no-escapers``, set in the first case, reaches the model)."""
     args = types.SimpleNamespace(anchor_shrinkage="hybrid", tokenizer="module", source="control", no_anchor=False,
-                                 no_batch_anchors=False, no_gate_velocity=False, no_on_target=False, hidden_size=16,
+                                 no_batch_anchors=False, no_gate_velocity=False, no_on_target=False,
+                                 no_escapers=flag is None, hidden_size=16,
                                  depth=1, num_heads=2, cfg_dropout=0.2, covariate_dropout=0.0, group_bandwidth="median",
                                  seed=0, max_steps=3, batch_size=32, lr=1e-3, ema_decay=flag)
     model, timing = cells._train(_screen(0), args, perturbation_key="perturbation", control="control",
                                  perturbation_features=None)
     assert model.plan.ema_decay == decay and (model.plan.ema is None) == (decay is None)
+    assert model.config.escapers is (flag is not None)  # --no-escapers reaches the model too
     assert timing["train_s"] > 0

@@ -68,3 +68,11 @@ def test_summary_line_counts_each_level():
     from celldit.cells.effects import evidence_summary
 
     assert evidence_summary(_model(_screen()).effects()) == "1 clear, 1 none detected"
+
+
+def test_summary_line_counts_conditions_split_by_escapers():
+    from celldit.cells.effects import evidence_summary
+
+    table = pd.DataFrame({"evidence": ["clear", "clear", "weak"], "escapers": [0.25, 0.0, 0.0]}, index=["A", "B", "C"])
+    assert evidence_summary(table) == "2 clear, 1 weak; 1 with escapers"
+    assert evidence_summary(table.assign(escapers=0.0)) == "2 clear, 1 weak"
