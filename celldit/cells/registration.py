@@ -3,8 +3,9 @@
 :func:`register` reads the training cells once and returns a :class:`Registration`: the
 gene set, the expression rows (centred on their batch's controls), the conditions, their
 anchors and shares of escapers, the perturbation vocabulary and prior features, the
-tokenizer's settings (gene modules or a codec sample), a bank of control cells for ``generate`` and the basis of the
-OT cost. Everything here is saved with the model except the rows themselves.
+tokenizer's settings (gene modules or a codec sample), a bank of control cells for
+``generate`` and the basis of the OT cost. Everything here is saved with the model except
+the rows themselves.
 """
 
 from __future__ import annotations
