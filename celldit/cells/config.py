@@ -130,7 +130,8 @@ class CellDiTConfig:
         from the replicates it resembles. False: one anchor per condition for every batch.
     escapers
         With ``anchor``: model the cells a knockout missed. Where a condition's training cells
-        are spread along its shift more than the controls beyond chance (and, with gated
+        are spread along its shift more than the controls, genes together (not each gene's
+        count noise), beyond chance (and, with gated
         shrinkage, its effect is clear), a share ``p`` of source cells keeps the control state
         (anchor 0) and the rest get the anchor over ``1 - p``: a split population with the same
         mean (see :mod:`celldit.cells.escapers`; ``CellDiT.effects()`` lists each ``p``).

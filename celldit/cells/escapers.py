@@ -2,9 +2,9 @@
 
 CRISPR knockouts are incomplete: some cells carrying a guide keep the control state (Mixscape
 calls them non-perturbed), so a perturbed population is a mixture, split along its shift,
-while a mean shift moves every cell part of the way. On Papalexi's training replicates the
-cells of STAT1, JAK2, IFNGR1 and IFNGR2 are 1.3-1.7 times as spread along their shift as the
-controls, and a flow started from ``control + anchor`` keeps the controls' spread (the
+while a mean shift moves every cell part of the way. On Papalexi's held-out replicate rep_3
+the cells of STAT1, JAK2, IFNGR1 and IFNGR2 are 1.3-1.7 times as spread along their shift as
+the controls, and a flow started from ``control + anchor`` keeps the controls' spread (the
 network cannot tell from a control cell whether it will escape: that is the guide's doing).
 
 The model here is Mixscape's two-component one, along the anchor's direction ``u``: a share
