@@ -24,7 +24,7 @@ from scipy.stats import wasserstein_distance
 from ..data.expression import log_normalize
 from ..data.spec import PerturbationSpec
 from ..eval.pca import PCASpace
-from ..eval.report import evaluate
+from ..eval.report import fit_baseline
 
 __all__ = ["SPLIT_RATIO", "split_along_shift"]
 
@@ -70,12 +70,11 @@ def split_along_shift(test: ad.AnnData, pred: ad.AnnData, spec: PerturbationSpec
     controls = np.isin(lab, spec.control_labels)
     if not controls.any():
         raise ValueError(f"no control cells in the held-out cells (obs[{key!r}])")
-    space = PCASpace(n_pcs, seed=seed).fit(_log1p(train))
+    baseline, train_cells = fit_baseline(train, spec, "mean_shift")
+    space = PCASpace(n_pcs, seed=seed).fit_rows(train_cells.rows)
     z_test = space.transform(_log1p(test))
     z_ctrl = z_test[controls]
     x_ctrl = _log1p(test[controls])
-    baseline = evaluate(test, None, spec, train=train, baselines=["mean_shift"], seed=seed, figures=False,
-                        cell_eval=False).predictions["mean_shift"].baseline
     pred_lab = pred.obs[key].astype(str).to_numpy()
     x_pred = np.asarray(pred.X.toarray() if hasattr(pred.X, "toarray") else pred.X, dtype=np.float64)
     per = {}

@@ -30,7 +30,7 @@ from celldit.eval.baselines import BASELINES, make_baseline
 from celldit.eval.pca import PCASpace
 from celldit.eval.scoring import CORE_METRICS, EXTRA_METRICS, RANK_TEST_METRICS, condition_name, score_conditions
 
-__all__ = ["EvaluationResult", "align_genes", "evaluate", "summarize"]
+__all__ = ["EvaluationResult", "align_genes", "evaluate", "fit_baseline", "summarize"]
 
 
 @dataclass
@@ -276,6 +276,20 @@ def align_genes(real: AnnData, pred: AnnData, spec: PerturbationSpec) -> AnnData
         raise ValueError(f"pred has {len(extra)} genes that are not in real (e.g. {list(extra[:5])}); "
                          "predict on genes that were measured")
     return pred
+
+
+def fit_baseline(train: AnnData, spec: PerturbationSpec, name: str = "mean_shift", genes: list[str] | None = None):
+    """The baseline ``name`` fitted on ``train`` as :func:`evaluate` fits it, and the grouped
+    training cells it was fitted on (their ``rows`` are what evaluate's PCA space is fitted on).
+
+    Returns
+    -------
+    tuple
+        ``(fitted baseline, GroupedCells)``.
+    """
+    spec.validate(train)
+    cells = _grouped(train, spec, genes, None, "auto")
+    return make_baseline(name).fit(cells, spec), cells
 
 
 def _grouped(adata: AnnData, spec: PerturbationSpec, genes: list[str] | None, layer: str | None, space: str):
