@@ -13,7 +13,9 @@ Stages (progress and timings on stderr):
 4. save it to ``DIR/model``;
 5. carry rep_3's control cells (all of them, :data:`N_CONTROLS`) to every perturbation with at
    least 40 rep_3 cells (``DIR/counterfactuals.h5ad``);
-6. score them beside the baselines (``DIR/report``, see :func:`celldit.eval.report.evaluate`).
+6. score them beside the baselines (``DIR/report``, see :func:`celldit.eval.report.evaluate`;
+   every figure but the UMAP, whose numba compilation alone takes about 15 s:
+   ``celldit evaluate`` on the written files draws it).
 """
 
 from __future__ import annotations
@@ -202,7 +204,7 @@ def run_demo(out_dir: str | Path, max_steps: int | None = None, quick: bool = Fa
     with _stage("evaluate", "evaluate beside the baselines", timings, log):
         result = evaluate(test, pred, spec, train=train, baselines=list(BASELINES), min_cells=MIN_CELLS,
                           max_cells=MAX_CELLS, out_dir=out / "report", split=split.to_dict(), seed=config.seed,
-                          loss_curve=(model.history["loss_steps"], model.history["losses"]))
+                          umap=False, loss_curve=(model.history["loss_steps"], model.history["losses"]))
         files.update({f"report_{k}": v for k, v in result.files.items()})
 
     timings["total"] = round(time.perf_counter() - start, 2)

@@ -66,7 +66,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, support: str) -> None:
     from .parsing import at_least, finite, seed
 
     p.add_argument("--steps", type=at_least(1), default=None,
-                   help="solver steps (default: the model's sampler settings; 20 control source, 50 noise)")
+                   help="solver steps (default: the model's sampler settings; 10 control source, 50 noise)")
     p.add_argument("--method", choices=SOLVER_CHOICES, default=None, help="ODE solver")
     p.add_argument("--cfg-scale", type=finite, default=None,
                    help="classifier-free guidance scale (default: the model's, 1 = none)")

@@ -57,6 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rank-test", action="store_true",
                    help="also report metrics on rank-test (Wilcoxon) DE genes")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-umap", action="store_true",
+                   help="skip the UMAP figure only (about 20 s on a 2-core CPU, mostly numba compiling)")
     p.add_argument("--no-cell-eval", action="store_true", help="skip the cell-eval export")
     p.add_argument("--cell-eval", action="store_true",
                    help="also run the cell-eval package (pip install cell-eval) and put its scores in summary.json")
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         split_dict = split.to_dict()
     result = evaluate(real, pred, spec, train=train, baselines=baselines, out_dir=args.out,
                       n_pcs=args.n_pcs, max_cells=args.max_cells, seed=args.seed,
-                      rank_test=args.rank_test, figures=not args.no_figures,
+                      rank_test=args.rank_test, figures=not args.no_figures, umap=not args.no_umap,
                       cell_eval=not args.no_cell_eval, split=split_dict,
                       min_cells=args.min_cells, run_cell_eval=args.cell_eval, loss_curve=loss_curve)
     means = {m: {k: v for k, v in e.items() if not k.endswith("_median")}

@@ -96,7 +96,7 @@ def evaluate(real: AnnData, pred: AnnData | None, spec: PerturbationSpec, *,
              train: AnnData | None = None, baselines: Sequence[str] = (),
              out_dir: str | Path | None = None, n_pcs: int = 30, max_cells: int = 300,
              seed: int = 0, rank_test: bool = False, figures: bool = True,
-             cell_eval: bool = True, split: dict[str, Any] | None = None,
+             cell_eval: bool = True, umap: bool = True, split: dict[str, Any] | None = None,
              normalize: bool = True, min_cells: int = 1, run_cell_eval: bool = False,
              loss_curve: tuple[list[int], list[float]] | None = None, layer: str | None = None,
              export_cells: int = 1000) -> EvaluationResult:
@@ -133,6 +133,9 @@ def evaluate(real: AnnData, pred: AnnData | None, spec: PerturbationSpec, *,
     figures, cell_eval
         Write the PNG figures (metrics, PCA, predicted-vs-true deltas, UMAP) / the cell-eval
         files (with ``out_dir``; at most ``export_cells`` cells of a condition per method).
+    umap
+        With ``figures``, also draw ``figures/umap.png`` (scanpy's neighbours and UMAP: about
+        20 s on a 2-core CPU, most of it numba compiling UMAP's kernels once per process).
     split
         A split's ``to_dict()`` to record in ``settings.json``.
     normalize
@@ -241,8 +244,9 @@ def evaluate(real: AnnData, pred: AnnData | None, spec: PerturbationSpec, *,
         shown = next((m for m in ("model", "mean_shift") if m in predictions), next(iter(predictions)))
         files["fig_delta"] = plot_delta_scatter(real_cells, predictions[shown], spec, fig_dir / "delta_scatter.png",
                                                 method=shown)
-        files["fig_umap"] = plot_umap_real_vs_pred(real_cells, predictions[shown], spec, space,
-                                                   fig_dir / "umap.png", seed=seed)
+        if umap:
+            files["fig_umap"] = plot_umap_real_vs_pred(real_cells, predictions[shown], spec, space,
+                                                       fig_dir / "umap.png", seed=seed)
         if loss_curve is not None:
             from celldit.train.callbacks import write_loss_curve
 

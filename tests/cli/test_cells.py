@@ -272,6 +272,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     pred = ad.read_h5ad(out / "counterfactuals.h5ad")
     assert pred.n_obs == 150 * 23 and pred.var_names.tolist() == model.genes
     assert json.loads((out / "split.json").read_text())["kind"] == "held_out_replicate"
+    figures = out / "report" / "figures"  # every figure but the UMAP (left to `celldit evaluate`)
+    assert (figures / "pca_real_vs_pred.png").stat().st_size > 0 and not (figures / "umap.png").exists()
     assert "mean_shift" in stdout and "report:" in stdout and "wall time" in stdout
     assert "[celldit demo] train done in" in err
     code, _, err = _run(["demo", "--quick", "--out", out], capsys)

@@ -88,6 +88,13 @@ def test_evaluate_writes_every_file(files, tmp_path, capsys):
     assert '"n_conditions": 2' in capsys.readouterr().out
 
 
+def test_no_umap_skips_only_the_umap(files, tmp_path):
+    out = tmp_path / "report"
+    assert _run(_base(files, out, extra=["--train", files["train"], "--no-umap", "--no-cell-eval"])) == 0
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["delta_scatter.png", "metrics_by_condition.png", "pca_real_vs_pred.png"]
+
+
 def test_evaluate_refuses_an_existing_out(files, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()

@@ -1,0 +1,92 @@
+"""One trained CellDiT's counterfactuals on ``papalexi_rep3`` at several ODE solver settings.
+
+    python benchmarks/solver_steps.py --data ../shared/data --model runs/demo/model \
+        --solvers euler:20 euler:10 euler:5 --threads 1 --out steps.json
+
+A control-source flow starts every cell at ``control + anchor(P)`` and moves it a short way,
+so few solver steps may do. This script measures it: the same saved model (e.g. the demo's
+``runs/demo/model``, or a folder of ``CellDiT.save``) carries all of rep_3's control cells to
+the 23 perturbations with >= 40 rep_3 cells with each ``method:steps``, and each set is
+scored by the demo's ``evaluate`` call (same PCA space and scoring draws for every setting).
+The model's own seed picks its escapers, so the settings differ in the integration alone.
+
+Prints one JSON object: config, machine, and per setting the sampling wall time (s) and the
+means over conditions of pd_de20, pd_all, mse_de20 and E-distance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from celldit.bench import emit_report
+from celldit.cells import CellDiT
+from celldit.data.spec import PerturbationSpec
+from celldit.data.splits import HeldOutReplicate
+from celldit.eval.report import evaluate
+from celldit.train.trainer import set_threads
+
+PAPALEXI = "papalexi2021_thp1_crispr_ko.h5ad"
+METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "edistance")
+
+
+def _solver(text: str) -> tuple[str, int]:
+    method, _, steps = text.partition(":")
+    if not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"--solvers {text!r}: write METHOD:STEPS, e.g. euler:10")
+    return method, int(steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="folder with the shared .h5ad files")
+    parser.add_argument("--model", type=Path, required=True, help="a saved CellDiT trained on rep_1 + rep_2")
+    parser.add_argument("--solvers", type=_solver, nargs="+", default=[("euler", 20), ("euler", 10), ("euler", 5)],
+                        help="METHOD:STEPS settings to compare")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and scoring seed (the demo's: 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    set_threads(args.threads)
+    raw = ad.read_h5ad(args.data / PAPALEXI)
+    spec = PerturbationSpec("perturbation", control="control")
+    masks = HeldOutReplicate(spec, key="bio_rep", values=["rep_3"]).masks(raw)
+    train, test = raw[masks.train].copy(), raw[masks.test].copy()
+    labels = test.obs["perturbation"].astype(str)
+    conditions = sorted(p for p, n in labels[labels != "control"].value_counts().items() if n >= 40)
+    controls = test[(labels == "control").to_numpy()].copy()
+    model = CellDiT.load(args.model)
+    result = {"config": {"data": str(args.data), "model": str(args.model), "model_seed": model.config.seed,
+                         "seed": args.seed, "protocol": "papalexi_rep3", "cells": controls.n_obs * len(conditions)},
+              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+              "solvers": {}}
+    for method, steps in args.solvers:
+        start = time.perf_counter()
+        pred = model.counterfactual(controls, conditions, seed=args.seed, method=method, steps=steps)
+        sample_s = time.perf_counter() - start
+        summary = evaluate(test, pred, spec, train=train, min_cells=40, max_cells=300, seed=args.seed,
+                           figures=False, cell_eval=False).summary["model"]
+        result["solvers"][f"{method}:{steps}"] = {"sample_s": round(sample_s, 1),
+                                                  **{k: round(float(summary[k]), 4) for k in METRICS}}
+    first = next(iter(result["solvers"].values()))
+    result["relative_to_first"] = {name: {"sample_time": round(row["sample_s"] / first["sample_s"], 3),
+                                          **{k: round(row[k] - first[k], 4) for k in METRICS}}
+                                   for name, row in result["solvers"].items()}
+    emit_report(result, args.out, indent=1, default=lambda v: v.item() if isinstance(v, np.generic) else str(v))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
