@@ -12,6 +12,7 @@ into ``--out`` and prints the model beside the baselines (see :mod:`celldit.cell
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print the table; returns the exit code (0)."""
     from ..cells.demo import format_table, run_demo
+    from ..data.bundled import bundled_path
 
     result = run_demo(args.out, max_steps=args.max_steps, quick=args.quick, threads=args.threads or None,
                       progress_bar=False if args.no_progress_bar else None, log=sys.stderr)
@@ -51,4 +53,9 @@ def run(args: argparse.Namespace) -> int:
     print("wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     print(f"report: {result.files.get('report_markdown', result.out_dir / 'report')}")
     print(f"model: {result.files['model']}  counterfactuals: {result.files['counterfactuals']}")
+    # the UMAP is left out of the demo's report (about 20 s, mostly numba compiling)
+    print("UMAP of real and predicted cells: " + shlex.join([
+        "celldit", "evaluate", "--real", str(bundled_path()), "--pred", str(result.files["counterfactuals"]),
+        "--split", str(result.files["split"]), "--perturbation-key", "perturbation", "--control", "control",
+        "--min-cells", "40", "--model", str(result.files["model"]), "--out", str(result.out_dir / "report_umap")]))
     return 0

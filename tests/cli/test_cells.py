@@ -8,6 +8,7 @@ with planted effects) and tiny models (5 steps, width 32, one block); the demo t
 from __future__ import annotations
 
 import json
+import shlex
 
 import anndata as ad
 import numpy as np
@@ -276,5 +277,17 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert (figures / "pca_real_vs_pred.png").stat().st_size > 0 and not (figures / "umap.png").exists()
     assert "mean_shift" in stdout and "report:" in stdout and "wall time" in stdout
     assert "[celldit demo] train done in" in err
+    # the printed `celldit evaluate` command (for the UMAP the demo leaves out) scores the same cells alike
+    umap_line = next(line for line in stdout.splitlines() if line.startswith("UMAP of real and predicted cells: "))
+    command = shlex.split(umap_line.split(": ", 1)[1])
+    assert command[:2] == ["celldit", "evaluate"] and command[-1] == str(out / "report_umap")
+    code, _, err = _run([*command[1:], "--no-figures", "--no-cell-eval"], capsys)
+    assert code == 0, err
+    again = json.loads((out / "report_umap" / "summary.json").read_text())
+    assert again["n_conditions"] == 23
+    for metric in ("pearson_delta_de20", "mse_de20"):  # gene-level: the same real and predicted cells
+        assert again["model"][metric] == pytest.approx(summary["model"][metric], abs=1e-9)
+    # (a quick demo fits its PCA space and baselines on a subsample of the training cells, the
+    # printed command on all of them: the full demo's E-distance is reproduced exactly, 0.2719)
     code, _, err = _run(["demo", "--quick", "--out", out], capsys)
     assert code == 2 and "not empty" in err
