@@ -78,3 +78,31 @@ def test_ema_decay_flag_reaches_the_fit(cells, flag, decay):
     assert model.plan.ema_decay == decay and (model.plan.ema is None) == (decay is None)
     assert model.config.escapers is (flag is not None)  # --no-escapers reaches the model too
     assert timing["train_s"] > 0
+
+
+def test_solver_steps_scores_one_saved_model_at_each_setting(tmp_path, capsys):
+    """`benchmarks/solver_steps.py` on the bundled screen (its file name is the shared one's):
+    one row per setting, the first the reference of the paired differences, and a nearly
+    untrained control-source model (its cells are control + anchor) scores alike at 2 and 1 Euler
+    steps: the ODE moves them little."""
+    import json
+
+    from celldit.cells import CellDiT
+    from celldit.data.bundled import BUNDLED_DIR, bundled_papalexi
+
+    module = load_benchmark("solver_steps")
+    adata, _ = bundled_papalexi()
+    train = adata[(adata.obs["bio_rep"] != "rep_3").to_numpy()]
+    train = train[np.random.default_rng(0).permutation(train.n_obs)[:1500]].copy()
+    CellDiT(train, perturbation_key="perturbation", control="control", pair_keys=["bio_rep"],
+            hidden_size=32, depth=1).fit(max_steps=3, batch_size=64).save(tmp_path / "model")
+    assert module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"),
+                        "--solvers", "euler:2", "euler:1", "--out", str(tmp_path / "steps.json")]) == 0
+    result = json.loads((tmp_path / "steps.json").read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert list(result["solvers"]) == ["euler:2", "euler:1"] and result["config"]["cells"] == 666 * 23
+    assert all(v == 0 for k, v in result["relative_to_first"]["euler:2"].items() if k != "sample_time")
+    assert abs(result["relative_to_first"]["euler:1"]["edistance"]) < 0.01
+    assert result["solvers"]["euler:1"]["edistance"] < 0.55  # anchors from 1,500 cells: 0.44; no change 0.63
+    with pytest.raises(SystemExit):
+        module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"), "--solvers", "euler"])
