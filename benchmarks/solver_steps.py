@@ -8,7 +8,8 @@ so few solver steps may do. This script measures it: the same saved model (e.g. 
 ``runs/demo/model``, or a folder of ``CellDiT.save``) carries all of rep_3's control cells to
 the 23 perturbations with >= 40 rep_3 cells with each ``method:steps``, and each set is
 scored by the demo's ``evaluate`` call (same PCA space and scoring draws for every setting).
-The model's own seed picks its escapers, so the settings differ in the integration alone.
+``--seed`` picks the escapers for every setting alike, so the settings differ in the
+integration alone.
 
 Prints one JSON object: config, machine, and per setting the sampling wall time (s) and the
 means over conditions of pd_de20, pd_all, mse_de20 and E-distance.
@@ -34,6 +35,7 @@ from celldit.cells import CellDiT
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutReplicate
 from celldit.eval.report import evaluate
+from celldit.flow.sampling import FIXED_STEP_SOLVERS
 from celldit.train.trainer import set_threads
 
 PAPALEXI = "papalexi2021_thp1_crispr_ko.h5ad"
@@ -42,8 +44,9 @@ METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "edistance")
 
 def _solver(text: str) -> tuple[str, int]:
     method, _, steps = text.partition(":")
-    if not steps.isdigit() or int(steps) < 1:
-        raise argparse.ArgumentTypeError(f"--solvers {text!r}: write METHOD:STEPS, e.g. euler:10")
+    if method not in FIXED_STEP_SOLVERS or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"--solvers {text!r}: write METHOD:STEPS with METHOD one of "
+                                         f"{', '.join(FIXED_STEP_SOLVERS)}, e.g. euler:10")
     return method, int(steps)
 
 

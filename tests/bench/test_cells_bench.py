@@ -104,5 +104,7 @@ def test_solver_steps_scores_one_saved_model_at_each_setting(tmp_path, capsys):
     assert all(v == 0 for k, v in result["relative_to_first"]["euler:2"].items() if k != "sample_time")
     assert abs(result["relative_to_first"]["euler:1"]["edistance"]) < 0.01
     assert result["solvers"]["euler:1"]["edistance"] < 0.55  # anchors from 1,500 cells: 0.44; no change 0.63
-    with pytest.raises(SystemExit):
-        module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"), "--solvers", "euler"])
+    for bad in ("euler", "euler:0", "rk45:10"):
+        with pytest.raises(SystemExit):
+            module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"), "--solvers", bad])
+    assert "METHOD one of euler" in capsys.readouterr().err
