@@ -20,11 +20,13 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 def test_format_1_models_load_and_predict_as_they_did():
     """``cell_model_v1`` was saved by celldit 0.1 (format 1) with its counterfactuals of 20
-    rep_3 controls; this version reads it and predicts the same values."""
+    rep_3 controls (Euler 20 steps, the default then; 10 since); this version reads it and
+    predicts the same values."""
     model = CellDiT.load(FIXTURES / "cell_model_v1")
     assert model.config.pair_keys == ["bio_rep"] and model.config.tokenizer == "module" and model.is_trained
     controls = ad.read_h5ad(FIXTURES / "cell_model_v1_controls.h5ad")
-    pred = model.counterfactual(controls, ["STAT1", "IRF1"], raw_layer=True, support="balance")
+    pred = model.counterfactual(controls, ["STAT1", "IRF1"], raw_layer=True, support="balance", method="euler",
+                                steps=20)
     np.testing.assert_allclose(pred.layers["flow"], np.load(FIXTURES / "cell_model_v1_expected.npy"), rtol=0, atol=1e-6)
     flow, n = pred.layers["flow"], controls.n_obs  # X: the flow output on log1p's support, label by label
     for block in (slice(0, n), slice(n, 2 * n)):
