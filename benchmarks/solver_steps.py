@@ -25,13 +25,13 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from celldit.bench import emit_report
 from celldit.cells import CellDiT
+from celldit.cells.demo import MAX_CELLS, MIN_CELLS
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutReplicate
 from celldit.eval.report import evaluate
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     masks = HeldOutReplicate(spec, key="bio_rep", values=["rep_3"]).masks(raw)
     train, test = raw[masks.train].copy(), raw[masks.test].copy()
     labels = test.obs["perturbation"].astype(str)
-    conditions = sorted(p for p, n in labels[labels != "control"].value_counts().items() if n >= 40)
+    conditions = sorted(p for p, n in labels[labels != "control"].value_counts().items() if n >= MIN_CELLS)
     controls = test[(labels == "control").to_numpy()].copy()
     model = CellDiT.load(args.model)
     result = {"config": {"data": str(args.data), "model": str(args.model), "model_seed": model.config.seed,
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         pred = model.counterfactual(controls, conditions, seed=args.seed, method=method, steps=steps)
         sample_s = time.perf_counter() - start
-        summary = evaluate(test, pred, spec, train=train, min_cells=40, max_cells=300, seed=args.seed,
+        summary = evaluate(test, pred, spec, train=train, min_cells=MIN_CELLS, max_cells=MAX_CELLS, seed=args.seed,
                            figures=False, cell_eval=False).summary["model"]
         result["solvers"][f"{method}:{steps}"] = {"sample_s": round(sample_s, 1),
                                                   **{k: round(float(summary[k]), 4) for k in METRICS}}
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     result["relative_to_first"] = {name: {"sample_time": round(row["sample_s"] / first["sample_s"], 3),
                                           **{k: round(row[k] - first[k], 4) for k in METRICS}}
                                    for name, row in result["solvers"].items()}
-    emit_report(result, args.out, indent=1, default=lambda v: v.item() if isinstance(v, np.generic) else str(v))
+    emit_report(result, args.out, indent=1)
     return 0
 
 

@@ -41,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print the table; returns the exit code (0)."""
-    from ..cells.demo import format_table, run_demo
+    from ..cells.demo import MIN_CELLS, format_table, run_demo
     from ..data.bundled import bundled_path
 
     result = run_demo(args.out, max_steps=args.max_steps, quick=args.quick, threads=args.threads or None,
@@ -57,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
     print("UMAP of real and predicted cells: " + shlex.join([
         "celldit", "evaluate", "--real", str(bundled_path()), "--pred", str(result.files["counterfactuals"]),
         "--split", str(result.files["split"]), "--perturbation-key", "perturbation", "--control", "control",
-        "--min-cells", "40", "--model", str(result.files["model"]), "--out", str(result.out_dir / "report_umap")]))
+        "--min-cells", str(MIN_CELLS), "--model", str(result.files["model"]), "--out", str(result.out_dir / "report_umap")]))
     return 0
