@@ -47,6 +47,7 @@ from celldit.bench import cell_scoring as scoring
 from celldit.bench import emit_report
 from celldit.bench.shift_axis import split_along_shift
 from celldit.cells import CellDiT
+from celldit.cells.control_mean import DEFAULT_POOLING
 from celldit.cells.outputs import SUPPORTS
 from celldit.data.spec import PerturbationSpec
 from celldit.data.splits import HeldOutCovariateGroup, HeldOutReplicate
@@ -124,7 +125,8 @@ def papalexi_rep3(data: Path, args) -> dict:
            "split_along_shift": split_along_shift(test, pred, spec, train, keep, seed=args.seed),
            "control_mean_pooled": scoring.pooled_reference(model, test, controls, train, spec, keep, per_condition,
                                                            seed=args.seed, steps=args.sample_steps,
-                                                           cfg_scale=args.cfg_scale, support=args.support)}
+                                                           cfg_scale=args.cfg_scale, support=args.support,
+                                                           pooling=args.pooling)}
     if args.generate:  # cells from the model alone (the noise prior, or the bank of training controls), in rep_3
         # as many cells as the counterfactuals and baselines start from (rep_3's controls): the
         # scorer draws a prediction's cells with replacement, and repeats from a smaller pool
@@ -264,7 +266,8 @@ PROTOCOLS = {"papalexi_rep3": papalexi_rep3, "papalexi_unseen": papalexi_unseen,
              "kang_donor": kang_donor, "norman_unseen_combo": norman_unseen_combo}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (its defaults are the benchmark's settings)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder with the shared .h5ad files")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), action="append", required=True)
@@ -294,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--support", choices=SUPPORTS, default="discrete",
                         help="how counterfactual cells are put on log1p's support (every rule is also scored on "
                              "the same cells: model_by_support); generated cells use balance for discrete")
+    parser.add_argument("--pooling", type=float, default=DEFAULT_POOLING,
+                        help="papalexi_rep3: the fraction of the pooled control-mean correction that "
+                             "control_mean_pooled applies (to the model and to mean shift alike; default: "
+                             "counterfactual's)")
     parser.add_argument("--generate", action="store_true",
                         help="papalexi_rep3: also score generate(P, n) (cells from the model alone, rep_3's offset)")
     parser.add_argument("--cfg-dropout", type=float, default=0.2)
@@ -317,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     set_threads(args.threads)  # torch and BLAS alike: idle BLAS threads spin and slow parallel runs
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},

@@ -8,7 +8,7 @@ held-out split, and returns plain numbers for the benchmark's JSON:
   than no change (a prediction must stay near its controls there);
 - :func:`score_by_support`: the same flow output put on log1p's support by every rule, scored;
 - :func:`pooled_reference`: counterfactuals with ``control_mean="pooled"`` beside the mean
-  shift moved by the same kind of pooled control mean;
+  shift moved by the same kind of pooled control mean (:func:`pooled_mean_shift`);
 - :func:`generated_references`: ``generate``'s references on the same footing (generated
   control cells, as they are and moved by the mean shift).
 """
@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..cells.control_mean import batch_labels, pooled_control_mean
+from ..cells.control_mean import DEFAULT_POOLING, batch_labels, pooled_control_mean
 from ..cells.outputs import SUPPORTS, first_count_level, to_support
 from ..data.expression import log_normalize
 from ..data.spec import PerturbationSpec
@@ -132,28 +132,44 @@ def _dense(a: ad.AnnData) -> np.ndarray:
     return np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X, dtype=np.float64)
 
 
-def pooled_reference(model, test: ad.AnnData, controls: ad.AnnData, train: ad.AnnData, spec: PerturbationSpec,
-                     keep: list[str], per_condition: pd.DataFrame, *, seed: int, steps: int | None = None,
-                     cfg_scale: float = 1.0, support: str = "discrete") -> dict:
-    """The model's counterfactuals with ``control_mean="pooled"`` (the same model and seed), and
-    the mean-shift baseline moved by the same kind of pooled control mean (computed here from
-    the scorer's log1p cells and the training batches' mean controls), scored alike, with the
-    weak-perturbation rule (:func:`weak_knockouts`) for the model's."""
-    pred = model.counterfactual(controls, keep, steps=steps, cfg_scale=cfg_scale, seed=seed, support=support,
-                                control_mean="pooled")
+def pooled_mean_shift(test: ad.AnnData, train: ad.AnnData, spec: PerturbationSpec, keep: list[str],
+                      pair_keys: Sequence[str], pooling: float = DEFAULT_POOLING) -> tuple[ad.AnnData, dict]:
+    """The mean-shift baseline moved by a pooled control mean: the held-out controls (the scorer's
+    log1p cells) plus each condition's plain training shift plus ``pooling`` times their mean
+    pooled with the training batches' (``pair_keys``) minus their own mean.
+
+    Returns
+    -------
+    ``(cells, weights)``: the cells, ``keep`` in turn, and the pooled mean's shares (the
+    held-out batch itself first, then each training batch by name).
+    """
     key, control = spec.perturbation_key, spec.control_labels[0]
     x_train, x_test = log_normalize(train), log_normalize(test)
     ctrl_train = x_train[x_train.obs[key] == control]
-    batches = batch_labels(ctrl_train.obs, model.config.pair_keys)
+    batches = batch_labels(ctrl_train.obs, pair_keys)
     xc, names = _dense(ctrl_train), np.unique(batches)
     refs, sizes = np.stack([xc[batches == b].mean(0) for b in names]), np.array([(batches == b).sum() for b in names])
     held = _dense(x_test[x_test.obs[key] == control])
     pooled_mean, weights = pooled_control_mean(held, refs, sizes)
     plain = {p: _dense(x_train[x_train.obs[key] == p]).mean(0) - xc.mean(0) for p in keep}
-    cells = np.vstack([held + plain[p] + (pooled_mean - held.mean(0)) for p in keep]).astype(np.float32)
+    cells = np.vstack([held + plain[p] + pooling * (pooled_mean - held.mean(0)) for p in keep]).astype(np.float32)
     obs = pd.DataFrame({key: np.repeat(keep, len(held))}, index=[str(i) for i in range(len(cells))])
-    out = {"weights": dict(zip(["held-out batch itself", *names], np.round(weights, 3).tolist()))}
-    for name, p in (("model", pred), ("mean_shift", ad.AnnData(cells, obs=obs, var=test.var.copy()))):
+    shares = dict(zip(["held-out batch itself", *names], np.round(weights, 3).tolist()))
+    return ad.AnnData(cells, obs=obs, var=test.var.copy()), shares
+
+
+def pooled_reference(model, test: ad.AnnData, controls: ad.AnnData, train: ad.AnnData, spec: PerturbationSpec,
+                     keep: list[str], per_condition: pd.DataFrame, *, seed: int, steps: int | None = None,
+                     cfg_scale: float = 1.0, support: str = "discrete", pooling: float = DEFAULT_POOLING) -> dict:
+    """The model's counterfactuals with ``control_mean="pooled"`` and ``pooling`` (the same model
+    and seed), and the mean-shift baseline moved by the same kind of pooled control mean, the
+    same fraction of the way (:func:`pooled_mean_shift`), scored alike, with the
+    weak-perturbation rule (:func:`weak_knockouts`) for the model's."""
+    pred = model.counterfactual(controls, keep, steps=steps, cfg_scale=cfg_scale, seed=seed, support=support,
+                                control_mean="pooled", pooling=pooling)
+    moved, weights = pooled_mean_shift(test, train, spec, keep, model.config.pair_keys, pooling)
+    out = {"pooling": pooling, "weights": weights}
+    for name, p in (("model", pred), ("mean_shift", moved)):
         res = _score(test, p, spec, train, seed)
         out[name] = method_summary(res, ["model"])["model"]
         if name == "model":

@@ -23,7 +23,9 @@ and adds almost nothing; a batch alike at baseline takes a share set by the two 
 sizes (rep_3: itself 0.50, rep_2 0.47, rep_1 0.03). Cells seen in training (a held-out
 cell type's own controls) find their own mean among the references and keep about it.
 
-Each predicted cell then moves by ``pooled - m``, one vector per batch: the cells' spread and
+Each predicted cell then moves by ``pooling * (pooled - m)``, one vector per batch
+(``pooling`` in [0, 1]: 1 the whole estimate, smaller a move that stays nearer the batch's own
+mean, for the price of less of the correction): the cells' spread and
 their own deviations are kept, and the prediction becomes the expected *measured* population
 under P, the one a real experiment against these controls would see. It does not change the
 estimate of P's effect; keep ``"observed"`` (the default) for a cell's own counterfactual,
@@ -39,10 +41,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["CONTROL_MEANS", "batch_labels", "check_control_mean", "pooled_control_mean", "pooled_shift"]
+__all__ = ["CONTROL_MEANS", "DEFAULT_POOLING", "batch_labels", "check_control_mean", "pooled_control_mean", "pooled_shift"]
 
 #: how the mean control cell of an input batch is taken (see the module notes)
 CONTROL_MEANS = ("observed", "pooled")
+#: the fraction of the pooled correction applied by default: the largest that kept every
+#: perturbation without a clear effect within 0.01 of no change on a validation replicate
+#: (Papalexi rep_2 held out, two seeds: 0.5 and 0.75; ``benchmarks/pooling_fraction.py``)
+DEFAULT_POOLING = 0.5
 
 
 def batch_labels(obs: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
@@ -52,10 +58,12 @@ def batch_labels(obs: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
     return obs[keys].astype(str).agg("/".join, axis=1).to_numpy() if keys else np.zeros(len(obs), dtype=object)
 
 
-def check_control_mean(how: str) -> None:
-    """Raise on an unknown ``control_mean`` value."""
+def check_control_mean(how: str, pooling: float = DEFAULT_POOLING) -> None:
+    """Raise on an unknown ``control_mean`` value or a ``pooling`` fraction outside [0, 1]."""
     if how not in CONTROL_MEANS:
         raise ValueError(f"control_mean={how!r}: expected one of {CONTROL_MEANS}")
+    if isinstance(pooling, bool) or not isinstance(pooling, (int, float, np.floating)) or not 0.0 <= pooling <= 1.0:
+        raise ValueError(f"pooling={pooling!r}: expected a fraction in [0, 1] (1: the whole pooled estimate)")
 
 
 def pooled_control_mean(x: np.ndarray, references: np.ndarray, sizes: np.ndarray
@@ -92,14 +100,15 @@ def pooled_control_mean(x: np.ndarray, references: np.ndarray, sizes: np.ndarray
     return weights[0] * own + weights[1:] @ references, weights
 
 
-def pooled_shift(x: np.ndarray, batch: np.ndarray, references: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """(n, G) float32: for each cell of ``x`` (n, G), its batch's pooled mean control cell minus
-    the batch's own mean (``batch`` (n,) labels; ``references``, ``sizes`` as in
-    :func:`pooled_control_mean`)."""
+def pooled_shift(x: np.ndarray, batch: np.ndarray, references: np.ndarray, sizes: np.ndarray,
+                 pooling: float = 1.0) -> np.ndarray:
+    """(n, G) float32: for each cell of ``x`` (n, G), ``pooling`` times its batch's pooled mean
+    control cell minus the batch's own mean (``batch`` (n,) labels; ``references``, ``sizes`` as
+    in :func:`pooled_control_mean`)."""
     shift = np.zeros(np.shape(x), dtype=np.float32)
     for b in np.unique(batch):
         rows = np.flatnonzero(batch == b)
         cells = np.asarray(x[rows], dtype=np.float64)
         mean, _ = pooled_control_mean(cells, references, sizes)
-        shift[rows] = (mean - cells.mean(0)).astype(np.float32)
+        shift[rows] = (pooling * (mean - cells.mean(0))).astype(np.float32)
     return shift

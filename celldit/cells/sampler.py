@@ -29,7 +29,7 @@ from ..data.rows import ExpressionRows
 from ..flow import anchored_source, integrate, velocity_fn
 from .conditioning import ConditionRules
 from .config import SamplerConfig
-from .control_mean import batch_labels, check_control_mean, pooled_shift
+from .control_mean import DEFAULT_POOLING, batch_labels, check_control_mean, pooled_shift
 from .on_target import OnTargetRule
 from .outputs import OutputWriter, check_output_size, first_count_level
 from .start_cells import StartCells
@@ -114,11 +114,12 @@ class CellSampler:
             raise
 
     def _writer(self, var: pd.DataFrame, counts: bool, raw_layer: bool, out: Any, overwrite: bool,
-                seed: int, support: str, control_mean: str) -> OutputWriter:
+                seed: int, support: str, control_mean: str, pooling: float) -> OutputWriter:
         space = self.model.space
         uns = {"space": space, "target_sum": 1e4 if space == "log1p_normalized" else None,
                "source": self.config.source, "tokenizer": self.config.tokenizer,
-               "perturbation_key": self.spec.perturbation_key, "support": support, "control_mean": control_mean}
+               "perturbation_key": self.spec.perturbation_key, "support": support, "control_mean": control_mean,
+               "pooling": float(pooling) if control_mean == "pooled" else None}
         categorical = [self.spec.perturbation_key, *self.spec.covariate_keys, "celldit_source"]
         return OutputWriter(var, uns, categorical, pca=self.model.pca, counts=counts, raw_layer=raw_layer, path=out,
                             overwrite=overwrite, seed=seed, support=support)
@@ -143,7 +144,8 @@ class CellSampler:
                        seed: int = 0, batch_size: int | None = None, layer: str | None = None,
                        size_factor_key: str | None = None, input_space: str = "auto", counts: bool = False,
                        raw_layer: bool = False, out: str | None = None, overwrite: bool = False,
-                       support: str = "discrete", control_mean: str = "observed") -> AnnData:
+                       support: str = "discrete", control_mean: str = "observed", pooling: float = DEFAULT_POOLING
+                       ) -> AnnData:
         """What the control cells of ``adata_control`` would look like under each perturbation.
 
         Parameters
@@ -192,6 +194,11 @@ class CellSampler:
             vector, and the cells become the expected *measured* population under P, the
             one a real sample would show against these same controls). A batch is a
             value of the registered covariates and pair keys the input has.
+        pooling
+            With ``control_mean="pooled"``: the fraction of the way from each batch's own
+            mean to the pooled one that its cells move (1: the whole estimate; smaller stays
+            nearer the batch's own controls and takes less of the correction). Default 0.5:
+            chosen on a validation replicate, see :data:`~celldit.cells.control_mean.DEFAULT_POOLING`.
         out
             Write the cells to this ``.h5ad`` block by block (bounded memory) and return it
             opened backed; None returns an in-memory AnnData.
@@ -206,7 +213,7 @@ class CellSampler:
         ``celldit_source`` (the control cell's name); ``obsm['X_pca']`` (the model's PCA).
         """
         self._check_dose(dose)
-        check_control_mean(control_mean)
+        check_control_mean(control_mean, pooling)
         settings = self._settings(steps=steps, method=method, cfg_scale=cfg_scale, batch_size=batch_size)
         cfg_scale, batch_size = settings.cfg_scale, settings.batch_size
         labels = [perturbation] if isinstance(perturbation, str) else list(perturbation)
@@ -226,8 +233,8 @@ class CellSampler:
         offset = self._input_centers(batch, x)
         batches = (batch, {b: offset[np.flatnonzero(batch == b)[0]].numpy() for b in np.unique(batch)})
         # pooled: a batch is a value of the covariates and pair keys the input has
-        pooled = self._pooled_shift(x, batch_labels(controls.obs, (*self.spec.covariate_keys, *self.config.pair_keys))
-                                    ) if control_mean == "pooled" else torch.zeros_like(x)
+        pooled = self._pooled_shift(x, batch_labels(controls.obs, (*self.spec.covariate_keys, *self.config.pair_keys)),
+                                    pooling) if control_mean == "pooled" else torch.zeros_like(x)
         x = x - offset
         cov = self.spec.covariates(controls) if self.spec.covariate_keys else pd.DataFrame(index=controls.obs_names)
         cov_idx = self.vocab.encode_covariates(cov, n=controls.n_obs)
@@ -239,7 +246,7 @@ class CellSampler:
                               stacklevel=3)
         source_var = controls.raw.var if layer == "raw" else controls.var
         writer = self._writer(source_var.loc[self.genes].copy(), counts, raw_layer, out, overwrite, seed, support,
-                              control_mean)
+                              control_mean, pooling)
         torch.manual_seed(seed)
         try:
             # noise source: invert once under the control condition, then generate under each label
@@ -261,13 +268,14 @@ class CellSampler:
             raise
         return writer.finish()
 
-    def _pooled_shift(self, x: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
-        """(n, G) pooled minus observed mean control cell of each input cell's ``batch``."""
+    def _pooled_shift(self, x: torch.Tensor, batch: np.ndarray, pooling: float) -> torch.Tensor:
+        """(n, G) ``pooling`` times the pooled minus observed mean control cell of each input
+        cell's ``batch``."""
         if self.model.control_batches is None:
             raise ValueError("control_mean='pooled' needs the training batches' mean control cells, which this "
                              "model was saved without (before celldit added them): refit it, or use "
                              "control_mean='observed'")
-        return torch.from_numpy(pooled_shift(x.numpy(), batch, *self.model.control_batches))
+        return torch.from_numpy(pooled_shift(x.numpy(), batch, *self.model.control_batches, pooling))
 
     def _input_centers(self, batch: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         """(n, G) offset of each input cell: the mean of the input's control cells of its
@@ -296,8 +304,8 @@ class CellSampler:
     def generate(self, condition: str | Mapping[str, Any], n: int = 100, *, steps: int | None = None,
                  method: str | None = None, cfg_scale: float | None = None, seed: int = 0, counts: bool = False,
                  raw_layer: bool = False, out: str | None = None, overwrite: bool = False,
-                 controls: AnnData | None = None, support: str = "balance", control_mean: str = "observed"
-                 ) -> AnnData:
+                 controls: AnnData | None = None, support: str = "balance", control_mean: str = "observed",
+                 pooling: float = DEFAULT_POOLING) -> AnnData:
         """``n`` new cells under ``condition``.
 
         Parameters
@@ -330,6 +338,8 @@ class CellSampler:
         control_mean
             With ``controls``: ``"observed"`` (their mean) or ``"pooled"`` (their mean pooled
             with the training batches', see :meth:`counterfactual`).
+        pooling
+            With ``control_mean="pooled"``: how far toward the pooled mean (see :meth:`counterfactual`).
         """
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n={n!r}: the number of cells must be an integer >= 1")
@@ -344,13 +354,13 @@ class CellSampler:
             raise KeyError(f"condition needs a value for the covariate(s) {missing} registered with the model")
         label, dose = cond[self.spec.perturbation_key], cond.get(self.spec.dose_key) if self.spec.dose_key else None
         self._check_dose(cond.get("dose") if self.spec.dose_key is None else None)
-        check_control_mean(control_mean)
+        check_control_mean(control_mean, pooling)
         offset, pooled = self.model.reference, 0.0
         if controls is not None:
             given = torch.from_numpy(self.input_rows(self._controls_of(controls)).all_rows())
             offset = given.mean(0)
             if control_mean == "pooled":  # all of them one batch: the one generated in
-                pooled = self._pooled_shift(given, np.zeros(len(given), dtype=object))[0]
+                pooled = self._pooled_shift(given, np.zeros(len(given), dtype=object), pooling)[0]
         elif control_mean == "pooled":
             raise ValueError("control_mean='pooled' pools the mean of the control cells given: pass controls=")
         start_cells = StartCells(self.model, cond, int(n), seed,
@@ -360,7 +370,7 @@ class CellSampler:
                              "generated from noise (or from a bank without library sizes, a model fitted on log1p "
                              "values) have none; use support='balance' (generate's default)")
         writer = self._writer(self.model.var.copy(), counts, raw_layer, out, overwrite, seed, support,
-                              control_mean if controls is not None else "observed")
+                              control_mean if controls is not None else "observed", pooling)
         escaper_rng = _escaper_rng(seed, label)
         try:
             for start in range(0, n, batch_size):

@@ -29,6 +29,9 @@ __all__ = [
 ]
 
 SOLVER_CHOICES = ("euler", "midpoint", "heun", "rk4", "adaptive", "dopri5", "dopri8", "bosh3", "adaptive_heun")
+#: celldit.cells.control_mean.DEFAULT_POOLING, repeated so that parsing the command line does
+#: not import torch (tests/cli/test_cells.py checks the two agree)
+DEFAULT_POOLING = 0.5
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,6 +59,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "cells' mean; each cell keeps its own counterfactual) or pooled (that mean pooled with the "
                         "training batches' by their precision: the expected measured population under P, as a real "
                         "sample would show it against these same controls)")
+    p.add_argument("--pooling", type=float, default=DEFAULT_POOLING,
+                   help="with --control-mean pooled: the fraction of the way from each batch's own control mean to "
+                        f"the pooled one that its cells move (default {DEFAULT_POOLING}, chosen on a validation "
+                        "replicate; 1: the whole estimate; docs/cells.md)")
     add_sampling_arguments(p, support="discrete")
     p.set_defaults(func=run)
     return p
@@ -151,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
                                 cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.chunk_size,
                                 layer=args.layer, size_factor_key=args.size_factor_key, input_space=args.input_space,
                                 counts=args.counts, raw_layer=args.raw_layer, out=out, overwrite=args.overwrite,
-                                support=args.support, control_mean=args.control_mean)
+                                support=args.support, control_mean=args.control_mean,
+                                pooling=args.pooling)
     if pred.isbacked:
         pred.file.close()
     n_src = pred.n_obs // len(labels)

@@ -108,3 +108,39 @@ def test_solver_steps_scores_one_saved_model_at_each_setting(tmp_path, capsys):
         with pytest.raises(SystemExit):
             module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"), "--solvers", bad])
     assert "METHOD one of euler" in capsys.readouterr().err
+
+
+def test_pooling_fraction_trains_saves_and_scores_each_fraction(tmp_path, capsys):
+    """`benchmarks/pooling_fraction.py --train` on the bundled screen (a 2-step model): the model
+    is saved, fraction 0 scores as the observed counterfactuals, and the rule that picks the
+    largest fraction follows the conditions above no change."""
+    import json
+
+    from celldit.cells import CellDiT
+    from celldit.data.bundled import BUNDLED_DIR
+
+    module = load_benchmark("pooling_fraction")
+    out = tmp_path / "pooling.json"
+    assert module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"), "--train", "--max-steps", "2",
+                        "--fractions", "1", "0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert list(result["fractions"]) == ["0.0", "1.0"] and result["config"]["conditions"] == 23
+    assert CellDiT.load(tmp_path / "model").config.seed == 0  # saved, and loads
+    zero, one = result["fractions"]["0.0"], result["fractions"]["1.0"]
+    # the correction moves every condition alike: the mean-level error falls (rep_3 pools with rep_2)
+    assert one["mse_de20"] < zero["mse_de20"] and one["pearson_delta_de20"] > zero["pearson_delta_de20"]
+    for row in (zero, one):
+        assert set(row["not_clear"]["above_no_change_by_0.01"]) <= set(result["config"]["not_clear"])
+    # mean shift moved by none of its pooled correction is the plain baseline; moved by all, it gains too
+    assert abs(zero["mean_shift_moved"]["pearson_delta_de20"] - result["baselines"]["mean_shift"]["pearson_delta_de20"]) < 1e-3
+    assert one["mean_shift_moved"]["mse_de20"] < zero["mean_shift_moved"]["mse_de20"]
+    keep = module.largest_fraction_keeping
+    assert keep({0.0: ["A"], 0.5: ["A"], 1.0: ["A", "B"]}) == 0.5
+    assert keep({0.0: [], 0.25: ["B"], 0.5: []}) == 0.0  # the first new one stops it
+    assert keep({0.0: [], 1.0: []}) == 1.0
+    with pytest.raises(SystemExit):
+        module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"), "--fractions", "1.5"])
+    with pytest.raises(SystemExit):
+        module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"), "--held-out", "rep_9"])
+    assert "not a value of obs['bio_rep']" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 from anndata import AnnData
 
 from celldit.cells import CellDiT
-from celldit.cells.control_mean import pooled_control_mean, pooled_shift
+from celldit.cells.control_mean import DEFAULT_POOLING, pooled_control_mean, pooled_shift
 
 G = 40
 
@@ -97,22 +97,39 @@ def test_counterfactual_with_pooled_control_mean(tmp_path):
         np.testing.assert_allclose(mean, ctrl[ctrl.obs["rep"] == rep].X.mean(0), atol=1e-5)
     assert sizes.tolist() == [50, 50]
     observed = model.counterfactual(new, ["control", "P"], support="none")
-    pooled = model.counterfactual(new, ["control", "P"], support="none", control_mean="pooled")
+    pooled = model.counterfactual(new, ["control", "P"], support="none", control_mean="pooled", pooling=1.0)
     want = pooled_shift(new.X, np.zeros(new.n_obs), means, sizes)[0]
     np.testing.assert_allclose(pooled.X - observed.X, np.broadcast_to(want, observed.shape), atol=1e-5)
     assert np.abs(want).max() > 0.01  # it moved
     assert (observed.uns["celldit"]["control_mean"], pooled.uns["celldit"]["control_mean"]) == ("observed", "pooled")
     # the saved model pools alike
     model.save(tmp_path / "m")
-    again = CellDiT.load(tmp_path / "m").counterfactual(new, "P", support="none", control_mean="pooled")
+    again = CellDiT.load(tmp_path / "m").counterfactual(new, "P", support="none", control_mean="pooled",
+                                                        pooling=1.0)
     np.testing.assert_allclose(again.X, pooled.X[new.n_obs:], atol=1e-6)
     with pytest.raises(ValueError, match="control_mean='mean'"):
         model.counterfactual(new, "P", control_mean="mean")
     with pytest.raises(ValueError, match="pass controls="):
         model.generate("P", 5, control_mean="pooled")
-    gen = model.generate("P", 5, controls=new, support="none", control_mean="pooled", seed=1)
+    gen = model.generate("P", 5, controls=new, support="none", control_mean="pooled", pooling=1.0, seed=1)
     base = model.generate("P", 5, controls=new, support="none", seed=1)
     np.testing.assert_allclose(gen.X - base.X, np.broadcast_to(want, base.shape), atol=1e-5)
+    # a fraction of the way: the move scales (by default DEFAULT_POOLING of it), 0 is the
+    # observed mean, and it is recorded
+    default = model.counterfactual(new, "P", support="none", control_mean="pooled")
+    np.testing.assert_allclose(default.X - observed.X[new.n_obs:], np.broadcast_to(DEFAULT_POOLING * want, default.shape),
+                               atol=1e-5)
+    assert default.uns["celldit"]["pooling"] == DEFAULT_POOLING == 0.5
+    half = model.counterfactual(new, ["control", "P"], support="none", control_mean="pooled", pooling=0.25)
+    np.testing.assert_allclose(half.X - observed.X, np.broadcast_to(0.25 * want, observed.shape), atol=1e-5)
+    assert (half.uns["celldit"]["pooling"], pooled.uns["celldit"]["pooling"]) == (0.25, 1.0)
+    none = model.counterfactual(new, "P", support="none", control_mean="pooled", pooling=0.0)
+    np.testing.assert_allclose(none.X, observed.X[new.n_obs:], atol=1e-6)
+    gen_half = model.generate("P", 5, controls=new, support="none", control_mean="pooled", pooling=0.25, seed=1)
+    np.testing.assert_allclose(gen_half.X - base.X, np.broadcast_to(0.25 * want, base.shape), atol=1e-5)
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="pooling=.*fraction in \\[0, 1\\]"):
+            model.counterfactual(new, "P", control_mean="pooled", pooling=bad)
     model.control_batches = None  # a folder saved before the training batches' means were kept
     with pytest.raises(ValueError, match="refit it, or use control_mean='observed'"):
         model.counterfactual(new, "P", control_mean="pooled")

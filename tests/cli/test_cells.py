@@ -201,6 +201,19 @@ def test_counterfactual_pooled_control_mean_moves_every_cell_alike(files, capsys
     moved = np.asarray(ad.read_h5ad(paths["pooled"]).X) - np.asarray(ad.read_h5ad(paths["observed"]).X)
     np.testing.assert_allclose(moved, np.broadcast_to(moved[0], moved.shape), atol=1e-5)  # one vector per batch
     assert np.abs(moved[0]).max() > 1e-3
+    quarter = files["dir"] / "cf_pooled_quarter.h5ad"
+    code, _, _ = _run(["counterfactual", files["model"], "--input", files["r2"], "--perturbation", "KO1",
+                       "--support", "none", "--control-mean", "pooled", "--pooling", "0.25", "--out", quarter], capsys)
+    assert code == 0
+    part = ad.read_h5ad(quarter)
+    from celldit.cells.control_mean import DEFAULT_POOLING
+    from celldit.cli.counterfactual import DEFAULT_POOLING as CLI_DEFAULT
+
+    assert CLI_DEFAULT == DEFAULT_POOLING  # the CLI's copy (it does not import torch to parse)
+    # `moved` took the default fraction of the correction; this one a quarter of the whole
+    np.testing.assert_allclose(np.asarray(part.X) - np.asarray(ad.read_h5ad(paths["observed"]).X),
+                               0.25 / DEFAULT_POOLING * moved, atol=1e-5)
+    assert part.uns["celldit"]["pooling"] == 0.25
 
 
 def test_counterfactual_errors(files, capsys):
