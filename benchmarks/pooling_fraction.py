@@ -18,8 +18,8 @@ script measures both sides on one saved model (trained on the other replicates, 
 * the means over conditions of pd_de20, pd_all, mse_de20 and E-distance, and the same of the
   mean-shift baseline moved by the same fraction of its pooled correction (``mean_shift_moved``,
   from the scorer's log1p cells, as ``benchmarks/cells.py`` scores ``control_mean_pooled``);
-* ``weak``: the issue's rule, the conditions where mean shift is worse than no change and the
-  model worse than no change by more than 0.01;
+* ``weak``: the weak-perturbation rule, the conditions where mean shift is worse than no change
+  and the model worse than no change by more than 0.01;
 * ``not_clear``: the same excess over no change on the conditions the model did not find a clear
   effect for (``model.effects()["evidence"] != "clear"``, decided from training cells alone);
 * ``largest_fraction_keeping_not_clear``: the largest fraction up to which no further such
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if "baselines" not in result:
             result["baselines"] = scoring.method_summary(res, ["mean_shift", "no_change"])
         moved, weights = scoring.pooled_mean_shift(test, train, spec, conditions, model.config.pair_keys, fraction)
-        result["pooled_shares"] = weights
+        result["pooled_shares"] = weights  # the same at every fraction
         moved_res = evaluate(test, moved, spec, train=train, min_cells=MIN_CELLS, baselines=[], seed=args.seed,
                              figures=False, cell_eval=False)
         result["fractions"][str(fraction)] = {
