@@ -37,7 +37,6 @@ import time
 import warnings
 from pathlib import Path
 
-import anndata as ad
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -47,13 +46,11 @@ import cells as cell_bench  # noqa: E402  (benchmarks/cells.py)
 
 from celldit.bench import cell_scoring as scoring
 from celldit.bench import emit_report
+from celldit.bench.papalexi import held_out_replicate
 from celldit.cells import CellDiT
-from celldit.data.spec import PerturbationSpec
-from celldit.data.splits import HeldOutReplicate
 from celldit.eval.report import evaluate
 from celldit.train.trainer import set_threads
 
-PAPALEXI = "papalexi2021_thp1_crispr_ko.h5ad"
 MIN_CELLS = 40  # as benchmarks/cells.py --protocol papalexi_rep3
 TOLERANCE = 0.01
 
@@ -95,16 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     set_threads(args.threads)
-    raw = ad.read_h5ad(args.data / PAPALEXI)
-    spec = PerturbationSpec("perturbation", control="control")
-    if args.held_out not in set(raw.obs["bio_rep"].astype(str)):
-        parser.error(f"--held-out {args.held_out!r}: not a value of obs['bio_rep'] "
-                     f"({sorted(raw.obs['bio_rep'].astype(str).unique())})")
-    masks = HeldOutReplicate(spec, key="bio_rep", values=[args.held_out]).masks(raw)
-    train, test = raw[masks.train].copy(), raw[masks.test].copy()
-    labels = test.obs["perturbation"].astype(str)
-    conditions = sorted(p for p, n in labels[labels != "control"].value_counts().items() if n >= MIN_CELLS)
-    controls = test[(labels == "control").to_numpy()].copy()
+    try:
+        split = held_out_replicate(args.data, args.held_out, MIN_CELLS)
+    except ValueError as err:
+        parser.error(f"--held-out: {err}")
+    spec, train, test, conditions, controls = split.spec, split.train, split.test, split.conditions, split.controls
     if args.train:
         steps = [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
         settings = cell_bench.build_parser().parse_args(["--data", str(args.data), "--protocol", "papalexi_rep3",

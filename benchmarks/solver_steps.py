@@ -24,21 +24,18 @@ import time
 import warnings
 from pathlib import Path
 
-import anndata as ad
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from celldit.bench import emit_report
+from celldit.bench.papalexi import held_out_replicate
 from celldit.cells import CellDiT
 from celldit.cells.demo import MAX_CELLS, MIN_CELLS
-from celldit.data.spec import PerturbationSpec
-from celldit.data.splits import HeldOutReplicate
 from celldit.eval.report import evaluate
 from celldit.flow.sampling import FIXED_STEP_SOLVERS
 from celldit.train.trainer import set_threads
 
-PAPALEXI = "papalexi2021_thp1_crispr_ko.h5ad"
 METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "edistance")
 
 
@@ -62,13 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     set_threads(args.threads)
-    raw = ad.read_h5ad(args.data / PAPALEXI)
-    spec = PerturbationSpec("perturbation", control="control")
-    masks = HeldOutReplicate(spec, key="bio_rep", values=["rep_3"]).masks(raw)
-    train, test = raw[masks.train].copy(), raw[masks.test].copy()
-    labels = test.obs["perturbation"].astype(str)
-    conditions = sorted(p for p, n in labels[labels != "control"].value_counts().items() if n >= MIN_CELLS)
-    controls = test[(labels == "control").to_numpy()].copy()
+    split = held_out_replicate(args.data, "rep_3", MIN_CELLS)
+    spec, train, test, conditions, controls = split.spec, split.train, split.test, split.conditions, split.controls
     model = CellDiT.load(args.model)
     result = {"config": {"data": str(args.data), "model": str(args.model), "model_seed": model.config.seed,
                          "seed": args.seed, "protocol": "papalexi_rep3", "cells": controls.n_obs * len(conditions)},

@@ -5,6 +5,7 @@
 - :mod:`~celldit.bench.cell_scoring`: how ``benchmarks/cells.py`` scores a cell model beyond
   :func:`celldit.eval.report.evaluate` (the weak-perturbation rule, support rules side by side,
   the pooled and same-footing references).
+- :mod:`~celldit.bench.papalexi`: the Papalexi screen split by replicate, as the scripts score it.
 """
 
 from .image import PEAK_TFLOPS, bench_image, machine_info, peak_tflops_for
