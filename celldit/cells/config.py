@@ -25,8 +25,9 @@ __all__ = ["CellDiTConfig", "CellFitConfig", "SamplerConfig", "TOKENIZER_NAMES",
 TOKENIZER_NAMES = ("gene", "module", "latent")
 SOURCES = ("control", "noise")
 #: solver used when none is asked, by coupling: a control source moves cells a short way
-#: (Euler 10 scores as Euler 20 on papalexi_rep3 in half the time: benchmarks/solver_steps.py)
-DEFAULT_SOLVER = {"control": ("euler", 10), "noise": ("heun", 50)}
+#: (Euler 10 scores as Euler 20 on papalexi_rep3 in half the time), and a noise source's
+#: Heun 20 scores as Heun 50 in a third of the time (benchmarks/solver_steps.py)
+DEFAULT_SOLVER = {"control": ("euler", 10), "noise": ("heun", 20)}
 
 
 def _as_list(value: Any) -> list[str]:
@@ -45,7 +46,7 @@ class SamplerConfig:
         ODE solver: euler, midpoint, heun, rk4, or adaptive (dopri5 ...); null: euler for a
         control source, heun for a noise source.
     steps
-        Solver steps; null: 10 for a control source, 50 for a noise source.
+        Solver steps; null: 10 for a control source, 20 for a noise source.
     cfg_scale
         Classifier-free guidance scale (1: none).
     batch_size

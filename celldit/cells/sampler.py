@@ -160,7 +160,7 @@ class CellSampler:
             Dose for every perturbation of the label (or ``"d1+d2"``), when a dose key is registered.
         steps, method
             ODE solver (default: the model's ``sampler`` settings; Euler, 10 steps for the
-            control source and Heun, 50 for noise unless set).
+            control source and Heun, 20 for noise unless set).
         cfg_scale
             Classifier-free guidance scale (default: the model's ``sampler.cfg_scale``).
         seed

@@ -97,13 +97,17 @@ def test_solver_steps_scores_one_saved_model_at_each_setting(tmp_path, capsys):
     CellDiT(train, perturbation_key="perturbation", control="control", pair_keys=["bio_rep"],
             hidden_size=32, depth=1).fit(max_steps=3, batch_size=64).save(tmp_path / "model")
     assert module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"),
-                        "--solvers", "euler:2", "euler:1", "--out", str(tmp_path / "steps.json")]) == 0
+                        "--solvers", "euler:2", "euler:1", "--generate", "--out", str(tmp_path / "steps.json")]) == 0
     result = json.loads((tmp_path / "steps.json").read_text())
     assert json.loads(capsys.readouterr().out) == result
     assert list(result["solvers"]) == ["euler:2", "euler:1"] and result["config"]["cells"] == 666 * 23
-    assert all(v == 0 for k, v in result["relative_to_first"]["euler:2"].items() if k != "sample_time")
+    first = result["relative_to_first"]["euler:2"]
+    assert all(v == 0 for k, v in {**first, **first["generate"]}.items() if k not in ("sample_time", "generate"))
     assert abs(result["relative_to_first"]["euler:1"]["edistance"]) < 0.01
     assert result["solvers"]["euler:1"]["edistance"] < 0.55  # anchors from 1,500 cells: 0.44; no change 0.63
+    # generate (bank cells on rep_3's control mean + anchor) is scored too, and alike at 2 and 1 steps
+    assert abs(result["relative_to_first"]["euler:1"]["generate"]["edistance"]) < 0.01
+    assert result["solvers"]["euler:1"]["generate"]["edistance"] < 0.55
     for bad in ("euler", "euler:0", "rk45:10"):
         with pytest.raises(SystemExit):
             module.main(["--data", str(BUNDLED_DIR), "--model", str(tmp_path / "model"), "--solvers", bad])
