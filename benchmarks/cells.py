@@ -133,10 +133,8 @@ def papalexi_rep3(data: Path, args) -> dict:
         # lower its within-sample distance, which inflates E-distance (noise source, seed 0: 0.502
         # with as many cells as rep_3 has of P, 0.401 with 666)
         support = _generate_support(args)
-        parts = [model.generate(lab, n=controls.n_obs, controls=controls, seed=args.seed, steps=args.sample_steps,
-                                cfg_scale=args.cfg_scale, support=support, raw_layer=True) for lab in keep]
-        gen = ad.concat(parts, merge="same")
-        gen.obs_names_make_unique()
+        gen = scoring.generated_in_batch(model, keep, controls, seed=args.seed, steps=args.sample_steps,
+                                         cfg_scale=args.cfg_scale, support=support, raw_layer=True)
         res_g = evaluate(test, gen, spec, train=train, min_cells=40, baselines=[], seed=args.seed, figures=False,
                          cell_eval=False)
         per_condition_g = scoring.per_condition_edistance(res_g)

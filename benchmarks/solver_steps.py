@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from celldit.bench import emit_report
+from celldit.bench.cell_scoring import generated_in_batch
 from celldit.bench.papalexi import held_out_replicate
 from celldit.cells import CellDiT
 from celldit.cells.demo import MAX_CELLS, MIN_CELLS
@@ -100,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"sample_s": round(sample_s, 1), **_scores(test, pred, spec, train, args.seed)}
         if args.generate:
             start = time.perf_counter()
-            parts = [model.generate(label, n=controls.n_obs, controls=controls, seed=args.seed, method=method,
-                                    steps=steps) for label in conditions]
-            generated = ad.concat(parts, merge="same")
-            generated.obs_names_make_unique()
+            generated = generated_in_batch(model, conditions, controls, seed=args.seed, method=method, steps=steps)
             row["generate"] = {"sample_s": round(time.perf_counter() - start, 1),
                                **_scores(test, generated, spec, train, args.seed)}
         result["solvers"][f"{method}:{steps}"] = row

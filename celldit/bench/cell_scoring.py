@@ -10,7 +10,8 @@ held-out split, and returns plain numbers for the benchmark's JSON:
 - :func:`pooled_reference`: counterfactuals with ``control_mean="pooled"`` beside the mean
   shift moved by the same kind of pooled control mean (:func:`pooled_mean_shift`);
 - :func:`generated_references`: ``generate``'s references on the same footing (generated
-  control cells, as they are and moved by the mean shift).
+  control cells, as they are and moved by the mean shift);
+- :func:`generated_in_batch`: ``generate``'s cells of each label in a held-out batch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ from ..data.spec import PerturbationSpec
 from ..eval.report import evaluate, fit_baseline
 
 METRICS = ("pearson_delta_de20", "pearson_delta_all", "mse_de20", "r2_mean", "edistance")
+
+
+def generated_in_batch(model, labels: Sequence[str], controls: ad.AnnData, **kwargs) -> ad.AnnData:
+    """``model.generate`` of each label in the batch of ``controls``, as many cells per label as
+    there are controls (the scorer draws a prediction's cells with replacement, and repeats from
+    a smaller pool lower its within-sample distance, which inflates E-distance), in one AnnData.
+    ``kwargs`` go to ``generate`` (seed, solver, support ...)."""
+    parts = [model.generate(label, n=controls.n_obs, controls=controls, **kwargs) for label in labels]
+    cells = ad.concat(parts, merge="same")
+    cells.obs_names_make_unique()
+    return cells
 
 
 def rounded_summary(summary: Mapping, methods: Sequence[str]) -> dict:
