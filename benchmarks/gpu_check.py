@@ -12,12 +12,16 @@ Measured in the same run:
   (analytic multiply-adds of :mod:`celldit.models.flops`), peak GPU memory;
 * ``cells``: CellDiT training cells/s at 2,000 genes (synthetic screen in memory) for the
   module, latent and gene (Perceiver read-in) tokenizers, bf16;
-* ``counterfactual``: seconds to write ``--cf-cells`` counterfactual cells with the module model.
+* ``counterfactual``: seconds to write ``--cf-cells`` counterfactual cells with the module model;
+* ``parity``: the official DiT fixture (``tests/fixtures/official_dit_tiny.pt``) on this device:
+  largest absolute difference from the official fp32 output in fp32 (TF32 off) and relative
+  error under bf16 autocast and under ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -54,6 +58,7 @@ def cell_rates(device: str, genes: int, cells: int, steps: int, batch_size: int,
 
 
 def counterfactual_time(device: str, genes: int, cells: int, cf_cells: int, workdir: Path) -> dict:
+    import numpy as np
 
     from celldit.cells import CellDiT
     from celldit.data.synthetic import simulate
@@ -61,7 +66,9 @@ def counterfactual_time(device: str, genes: int, cells: int, cf_cells: int, work
     adata, _ = simulate(cells, genes, 50, n_programs=8, library_size=1.5 * genes, seed=1)
     model = CellDiT(adata, perturbation_features=None, seed=0).to(device)
     labels = [f"pert{p:04d}" for p in range(50)]
-    controls = adata[(adata.obs["perturbation"] == "control").to_numpy()][: max(1, cf_cells // len(labels))].copy()
+    pool = np.flatnonzero((adata.obs["perturbation"] == "control").to_numpy())
+    controls = adata[np.resize(pool, max(1, cf_cells // len(labels)))].copy()  # repeated to the size asked
+    controls.obs_names_make_unique()
     t0 = time.perf_counter()
     pred = model.counterfactual(controls, labels, out=workdir / "cf.h5ad", overwrite=True, batch_size=16384)
     wall = time.perf_counter() - t0
@@ -70,6 +77,34 @@ def counterfactual_time(device: str, genes: int, cells: int, cf_cells: int, work
     (workdir / "cf.h5ad").unlink()
     return {"cells": int(n), "seconds": round(wall, 2), "cells_per_s": round(n / wall, 1),
             }
+
+
+def fixture_parity(device: str) -> dict:
+    import torch
+
+    from celldit.models import ImageDiT
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official_dit_tiny.pt"
+    fixture = torch.load(path, map_location="cpu", weights_only=True)
+    model = ImageDiT(**fixture["config"])
+    model.load_state_dict(fixture["state_dict"], strict=True)
+    model = model.to(device).eval()
+    inputs = [fixture[k].to(device) for k in ("x", "t", "y")]
+    expected = fixture["out"].to(device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        fp32 = model(*inputs)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            bf16 = model(*inputs).float()
+        compiled = torch.compile(model)(*inputs) if device == "cuda" else fp32
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+    def rel(a):
+        return float((a - expected).norm() / expected.norm())
+
+    return {"fp32_max_abs_diff": float((fp32 - expected).abs().max()), "bf16_relative_error": rel(bf16),
+            "compiled_fp32_relative_error": rel(compiled)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,20 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    image = bench_image(preset=preset, image_size=size, batch_size=batch, steps=steps, warmup=2 if a.smoke else 5,
-                        device=device, compile=device == "cuda", precision="bf16" if device == "cuda" else "fp32",
-                        reference=True, seed=0)
     precision = "bf16-mixed" if device == "cuda" else None
-    cells_out = cell_rates(device, genes, cells, cell_steps, 256 if not a.smoke else 32, precision)
-    cf_out = counterfactual_time(device, genes, cells, cf, a.work)
+    sections = {  # cheapest first; each is printed to stderr when done, so a run cut short keeps them
+        "parity": lambda: fixture_parity(device),
+        "image": lambda: bench_image(preset=preset, image_size=size, batch_size=batch, steps=steps,
+                                     warmup=2 if a.smoke else 5, device=device, compile=device == "cuda",
+                                     precision="bf16" if device == "cuda" else "fp32", reference=True, seed=0),
+        "cells": lambda: cell_rates(device, genes, cells, cell_steps, 256 if not a.smoke else 32, precision),
+        "counterfactual": lambda: counterfactual_time(device, genes, cells, cf, a.work),
+    }
     result = {
         "config": {"smoke": a.smoke, "image_preset": preset, "image_size": size, "image_batch": batch,
                    "cell_genes": genes, "cell_steps": cell_steps, "counterfactual_cells": cf},
         "machine": {**machine_info(torch.device(device)), "platform": platform.platform(), "cpus": os.cpu_count()},
-        "image": image, "cells": cells_out, "counterfactual": cf_out,
-        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-        "wall_s": round(time.perf_counter() - t0, 1),
     }
+    for name, run in sections.items():
+        result[name] = run()
+        print(json.dumps({name: result[name]}, default=str), file=sys.stderr, flush=True)
+    result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
     from celldit.bench import emit_report
 
     emit_report(result, a.out, default=str)
