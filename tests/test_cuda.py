@@ -69,6 +69,8 @@ def test_cell_model_trains_on_cuda_and_samples_as_on_cpu():
     # the planted response on genes 0-3 is +3 in half the cells: the mean moves by about 1.5
     shift = on_gpu[:, SHIFTED].mean(0) - np.asarray(ctrl.X[:, SHIFTED]).mean(0)
     assert np.all(np.abs(shift - 1.5) < 0.5), shift
-    # the same weights on the CPU give the same cells (fp32 sampling on both)
-    on_cpu = counterfactual(model.to("cpu"), ctrl, "P").X
-    np.testing.assert_allclose(on_gpu, on_cpu, atol=5e-3)
+    # the same weights on the CPU give the same flow output (fp32 sampling on both; the raw output,
+    # since the support step rounds and ranks, where a difference in the last bit can flip a value)
+    raw_gpu = counterfactual(model, ctrl, "P", support="none").X
+    raw_cpu = counterfactual(model.to("cpu"), ctrl, "P", support="none").X
+    np.testing.assert_allclose(raw_gpu, raw_cpu, atol=1e-3)
