@@ -12,7 +12,8 @@ Measured in the same run:
   (analytic multiply-adds of :mod:`celldit.models.flops`), peak GPU memory;
 * ``cells``: CellDiT training cells/s at 2,000 genes (synthetic screen in memory) for the
   module, latent and gene (Perceiver read-in) tokenizers, bf16;
-* ``counterfactual``: seconds to write ``--cf-cells`` counterfactual cells with the module model;
+* ``counterfactual``: seconds to write 1M counterfactual cells to ``.h5ad`` with the module model
+  (20,000 control cells, drawn again from the screen's controls, under each of 50 perturbations);
 * ``parity``: the official DiT fixture (``tests/fixtures/official_dit_tiny.pt``) on this device:
   largest absolute difference from the official fp32 output in fp32 (TF32 off) and relative
   error under bf16 autocast and under ``torch.compile``.
@@ -92,13 +93,15 @@ def fixture_parity(device: str) -> dict:
     inputs = [fixture[k].to(device) for k in ("x", "t", "y")]
     expected = fixture["out"].to(device)
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    with torch.no_grad():
-        fp32 = model(*inputs)
-        with torch.autocast(device, dtype=torch.bfloat16):
-            bf16 = model(*inputs).float()
-        compiled = torch.compile(model)(*inputs) if device == "cuda" else fp32
-    torch.backends.cuda.matmul.allow_tf32 = old
+    torch.backends.cuda.matmul.allow_tf32 = False  # true fp32, the fixture's precision
+    try:
+        with torch.no_grad():
+            fp32 = model(*inputs)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                bf16 = model(*inputs).float()
+            compiled = torch.compile(model)(*inputs) if device == "cuda" else fp32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
     def rel(a):
         return float((a - expected).norm() / expected.norm())
