@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one go (about 8 minutes on one H100/H200):
+# Every check that needs a CUDA GPU, in one go (its default time limits come to about
+# 10 minutes; not yet run on a GPU):
 #   bash benchmarks/gpu_session.sh OUTDIR
 # 1. the GPU tests (pytest -m gpu): official DiT output on CUDA, bf16/compile, a CellDiT on CUDA;
 # 2. benchmarks/gpu_check.py: DiT-XL/2 training speed and MFU, cell training rates, 1M counterfactual cells;
