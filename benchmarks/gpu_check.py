@@ -83,6 +83,7 @@ def counterfactual_time(device: str, genes: int, cells: int, cf_cells: int, work
 def fixture_parity(device: str) -> dict:
     import torch
 
+    from celldit.bench.image import _tf32
     from celldit.models import ImageDiT
 
     path = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official_dit_tiny.pt"
@@ -92,16 +93,11 @@ def fixture_parity(device: str) -> dict:
     model = model.to(device).eval()
     inputs = [fixture[k].to(device) for k in ("x", "t", "y")]
     expected = fixture["out"].to(device)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # true fp32, the fixture's precision
-    try:
-        with torch.no_grad():
-            fp32 = model(*inputs)
-            with torch.autocast(device, dtype=torch.bfloat16):
-                bf16 = model(*inputs).float()
-            compiled = torch.compile(model)(*inputs) if device == "cuda" else fp32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    with _tf32(False), torch.no_grad():  # true fp32, the fixture's precision
+        fp32 = model(*inputs)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            bf16 = model(*inputs).float()
+        compiled = torch.compile(model)(*inputs) if device == "cuda" else fp32
 
     def rel(a):
         return float((a - expected).norm() / expected.norm())

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny_cell_models import FIT, N_CTRL, SHIFTED, build, counterfactual, planted_adata
 
+from celldit.bench.image import _tf32
 from celldit.models import ImageDiT
 
 pytestmark = pytest.mark.gpu
@@ -35,13 +36,8 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_official_output_reproduced_on_cuda_in_fp32(official):
     model, inputs, expected = official
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # true fp32: the fixture's precision
-    try:
-        with torch.no_grad():
-            out = model(*inputs)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    with _tf32(False), torch.no_grad():  # true fp32: the fixture's precision
+        out = model(*inputs)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
