@@ -84,13 +84,11 @@ def fixture_parity(device: str) -> dict:
     import torch
 
     from celldit.bench.image import _tf32
-    from celldit.models import ImageDiT
+    from celldit.models import load_official_checkpoint
 
     path = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official_dit_tiny.pt"
     fixture = torch.load(path, map_location="cpu", weights_only=True)
-    model = ImageDiT(**fixture["config"])
-    model.load_state_dict(fixture["state_dict"], strict=True)
-    model = model.to(device).eval()
+    model = load_official_checkpoint(str(path)).to(device).eval()
     inputs = [fixture[k].to(device) for k in ("x", "t", "y")]
     expected = fixture["out"].to(device)
     with _tf32(False), torch.no_grad():  # true fp32, the fixture's precision

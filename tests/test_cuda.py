@@ -14,7 +14,7 @@ import torch
 from tiny_cell_models import FIT, N_CTRL, SHIFTED, build, counterfactual, planted_adata
 
 from celldit.bench.image import _tf32
-from celldit.models import ImageDiT
+from celldit.models import load_official_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -24,8 +24,7 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "official_dit_tiny.pt"
 @pytest.fixture(scope="module")
 def official():
     fixture = torch.load(FIXTURE, map_location="cpu", weights_only=True)
-    model = ImageDiT(**fixture["config"])
-    model.load_state_dict(fixture["state_dict"], strict=True)
+    model = load_official_checkpoint(str(FIXTURE))
     inputs = tuple(fixture[k].cuda() for k in ("x", "t", "y"))
     return model.cuda().eval(), inputs, fixture["out"].cuda()
 
