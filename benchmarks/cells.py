@@ -12,6 +12,8 @@ Protocols (the DESIGN.md ones, as in ``benchmarks/baselines.py``):
 * ``papalexi_rep3``: train on bio_rep rep_1 + rep_2 (control/target pairs within a
   replicate); counterfactuals from every rep_3 control cell for each perturbation with
   >= 40 rep_3 cells; scored against rep_3's cells, baselines beside.
+* ``papalexi_rep2``: the same with rep_2 held out (train rep_1 + rep_3): the validation
+  replicate, where settings are chosen without rep_3's scores.
 * ``kang``: for each cell type in turn, its stimulated cells are held out; counterfactuals
   from that type's control cells under ``stim``.
 * ``norman_unseen_combo``: the Norman toy without one combination (and its cells); the
@@ -93,9 +95,20 @@ def _sample(model: CellDiT, controls: ad.AnnData, labels: list[str], args) -> tu
 
 
 def papalexi_rep3(data: Path, args) -> dict:
-    raw = ad.read_h5ad(data / PAPALEXI)
+    return papalexi_replicate(ad.read_h5ad(data / PAPALEXI), args, held_out="rep_3")
+
+
+def papalexi_rep2(data: Path, args) -> dict:
+    """The validation replicate: train on rep_1 + rep_3, score rep_2, the same way. Settings are
+    chosen here, so that rep_3's scores play no part in the choice."""
+    return papalexi_replicate(ad.read_h5ad(data / PAPALEXI), args, held_out="rep_2")
+
+
+def papalexi_replicate(raw: ad.AnnData, args, held_out: str) -> dict:
+    """Train on every ``bio_rep`` but ``held_out`` (pairs within a replicate); carry all of the
+    held-out replicate's control cells to each perturbation with >= 40 of its cells; score there."""
     spec = PerturbationSpec("perturbation", control="control")
-    masks = HeldOutReplicate(spec, key="bio_rep", values=["rep_3"]).masks(raw)
+    masks = HeldOutReplicate(spec, key="bio_rep", values=[held_out]).masks(raw)
     train, test = raw[masks.train].copy(), raw[masks.test].copy()
     pair_keys = [] if args.no_pair_keys else ["bio_rep"]
     model, timing = _train(train, args, perturbation_key="perturbation", control="control", pair_keys=pair_keys)
@@ -113,7 +126,8 @@ def papalexi_rep3(data: Path, args) -> dict:
         warnings.simplefilter("ignore", UserWarning)  # negative values are the point here
         res_flow = evaluate(test, flow, spec, train=train, min_cells=40, baselines=[], seed=args.seed, figures=False,
                             cell_eval=False)
-    out = {"n_conditions": res.summary["n_conditions"], "pair_keys": pair_keys, **timing, **sampling,
+    out = {"held_out": held_out, "n_conditions": res.summary["n_conditions"], "pair_keys": pair_keys, **timing,
+           **sampling,
            "metrics": scoring.method_summary(res, ["model", "mean_shift", "train_mean", "linear", "no_change"]),
            "model_before_support": scoring.method_summary(res_flow, ["model"])["model"],
            # perturbations where the mean shift is worse than doing nothing: the model must stay near no change
@@ -127,8 +141,8 @@ def papalexi_rep3(data: Path, args) -> dict:
                                                            seed=args.seed, steps=args.sample_steps,
                                                            cfg_scale=args.cfg_scale, support=args.support,
                                                            pooling=args.pooling)}
-    if args.generate:  # cells from the model alone (the noise prior, or the bank of training controls), in rep_3
-        # as many cells as the counterfactuals and baselines start from (rep_3's controls): the
+    if args.generate:  # cells from the model alone (the noise prior, or the bank of training controls), held out
+        # as many cells as the counterfactuals and baselines start from (the held-out replicate's controls): the
         # scorer draws a prediction's cells with replacement, and repeats from a smaller pool
         # lower its within-sample distance, which inflates E-distance (noise source, seed 0: 0.502
         # with as many cells as rep_3 has of P, 0.401 with 666)
@@ -145,7 +159,7 @@ def papalexi_rep3(data: Path, args) -> dict:
         out["generate_split_along_shift"] = split_along_shift(test, gen, spec, train, keep, seed=args.seed)
         out["generated_controls_mean_shift"] = refs["mean_shift"]
         out["generated_controls_no_change"] = refs["no_change"]
-        # the weak-perturbation rule against rep_3's real controls, and on the same footing
+        # the weak-perturbation rule against the held-out replicate's real controls, and on the same footing
         # (generated controls as they are: where they beat themselves moved by the mean shift)
         out["generate_weak"] = scoring.weak_knockouts(per_condition_g, per_condition)
         out["generate_weak_same_footing"] = scoring.weak_knockouts(per_condition_g, refs["per_condition"])
@@ -260,7 +274,8 @@ def papalexi_unseen(data: Path, args) -> dict:
     return out
 
 
-PROTOCOLS = {"papalexi_rep3": papalexi_rep3, "papalexi_unseen": papalexi_unseen, "kang": kang,
+PROTOCOLS = {"papalexi_rep3": papalexi_rep3, "papalexi_rep2": papalexi_rep2, "papalexi_unseen": papalexi_unseen,
+             "kang": kang,
              "kang_donor": kang_donor, "norman_unseen_combo": norman_unseen_combo}
 
 
@@ -288,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-escapers", action="store_true",
                         help="no shares of escapers (every source cell gets its condition's whole anchor)")
     parser.add_argument("--no-pair-keys", action="store_true",
-                        help="papalexi_rep3: the minimal command (no pair_keys: the data centred as one batch)")
+                        help="papalexi_rep3 and _rep2: the minimal command (no pair_keys: the data centred as one batch)")
     parser.add_argument("--folds", type=int, default=3, help="papalexi_unseen: folds of held-out perturbations")
     parser.add_argument("--prior", type=Path, default=None,
                         help="papalexi_unseen: a prior feature table (csv/tsv/parquet, indexed by perturbation)")
@@ -296,11 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how counterfactual cells are put on log1p's support (every rule is also scored on "
                              "the same cells: model_by_support); generated cells use balance for discrete")
     parser.add_argument("--pooling", type=float, default=DEFAULT_POOLING,
-                        help="papalexi_rep3: the fraction of the pooled control-mean correction that "
+                        help="papalexi_rep3 and _rep2: the fraction of the pooled control-mean correction that "
                              "control_mean_pooled applies (to the model and to mean shift alike; default: "
                              "counterfactual's)")
     parser.add_argument("--generate", action="store_true",
-                        help="papalexi_rep3: also score generate(P, n) (cells from the model alone, rep_3's offset)")
+                        help="papalexi_rep3 and _rep2: also score generate(P, n) (cells from the model alone, in the held-out replicate)")
     parser.add_argument("--cfg-dropout", type=float, default=0.2)
     parser.add_argument("--cell-types", nargs="+", default=None, help="kang: hold out only these cell types")
     parser.add_argument("--covariate-dropout", type=float, default=0.2)
