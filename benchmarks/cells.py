@@ -126,8 +126,8 @@ def papalexi_replicate(raw: ad.AnnData, args, held_out: str) -> dict:
         warnings.simplefilter("ignore", UserWarning)  # negative values are the point here
         res_flow = evaluate(test, flow, spec, train=train, min_cells=40, baselines=[], seed=args.seed, figures=False,
                             cell_eval=False)
-    out = {"held_out": held_out, "n_conditions": res.summary["n_conditions"], "pair_keys": pair_keys, **timing,
-           **sampling,
+    out = {"held_out": held_out, "n_conditions": res.summary["n_conditions"], "pair_keys": pair_keys,
+           **timing, **sampling,
            "metrics": scoring.method_summary(res, ["model", "mean_shift", "train_mean", "linear", "no_change"]),
            "model_before_support": scoring.method_summary(res_flow, ["model"])["model"],
            # perturbations where the mean shift is worse than doing nothing: the model must stay near no change
@@ -141,8 +141,8 @@ def papalexi_replicate(raw: ad.AnnData, args, held_out: str) -> dict:
                                                            seed=args.seed, steps=args.sample_steps,
                                                            cfg_scale=args.cfg_scale, support=args.support,
                                                            pooling=args.pooling)}
-    if args.generate:  # cells from the model alone (the noise prior, or the bank of training controls), held out
-        # as many cells as the counterfactuals and baselines start from (the held-out replicate's controls): the
+    if args.generate:  # cells from the model alone (the noise prior, or the bank of training controls)
+        # in the held-out replicate, as many as the counterfactuals and baselines start from (its controls): the
         # scorer draws a prediction's cells with replacement, and repeats from a smaller pool
         # lower its within-sample distance, which inflates E-distance (noise source, seed 0: 0.502
         # with as many cells as rep_3 has of P, 0.401 with 666)
@@ -275,8 +275,7 @@ def papalexi_unseen(data: Path, args) -> dict:
 
 
 PROTOCOLS = {"papalexi_rep3": papalexi_rep3, "papalexi_rep2": papalexi_rep2, "papalexi_unseen": papalexi_unseen,
-             "kang": kang,
-             "kang_donor": kang_donor, "norman_unseen_combo": norman_unseen_combo}
+             "kang": kang, "kang_donor": kang_donor, "norman_unseen_combo": norman_unseen_combo}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "control_mean_pooled applies (to the model and to mean shift alike; default: "
                              "counterfactual's)")
     parser.add_argument("--generate", action="store_true",
-                        help="papalexi_rep3 and _rep2: also score generate(P, n) (cells from the model alone, in the held-out replicate)")
+                        help="papalexi_rep3 and _rep2: also score generate(P, n) (cells from the model alone, in "
+                             "the held-out replicate)")
     parser.add_argument("--cfg-dropout", type=float, default=0.2)
     parser.add_argument("--cell-types", nargs="+", default=None, help="kang: hold out only these cell types")
     parser.add_argument("--covariate-dropout", type=float, default=0.2)
